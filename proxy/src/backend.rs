@@ -1,0 +1,322 @@
+//! Backend connections: open a TCP connection to a node, send the session's startup
+//! parameters, authenticate with graywire's own credentials (SCRAM-SHA-256, md5 or cleartext),
+//! and collect what the node says before its first ReadyForQuery.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cancel::CancelTarget;
+use crate::config::{Credentials, NodeConfig};
+use crate::error::BackendError;
+use crate::protocol::message::TxStatus;
+use crate::protocol::startup::CancelKey;
+use crate::topology::NodeName;
+
+/// An authenticated backend connection at its first transaction boundary.
+pub struct BackendConn {
+    pub stream: TcpStream,
+    pub node: NodeName,
+    pub host: String,
+    pub port: u16,
+    /// The node's own key for this connection.
+    pub key: CancelKey,
+    /// ParameterStatus values the node reported, in order.
+    pub parameters: Vec<(String, String)>,
+    /// ParameterStatus and NoticeResponse messages to pass on to the client, as bytes.
+    pub greeting: Bytes,
+    pub status: TxStatus,
+}
+
+impl BackendConn {
+    pub fn cancel_target(&self) -> CancelTarget {
+        CancelTarget {
+            host: self.host.clone(),
+            port: self.port,
+            key: self.key,
+        }
+    }
+}
+
+/// Startup parameters as sent to the node: the client's, with graywire's user and an explicit
+/// database (PostgreSQL would otherwise default it to the user name it sees, graywire's).
+pub fn startup_params<'a>(
+    client_params: &'a [(String, String)],
+    creds: &'a Credentials,
+) -> Vec<(&'a str, &'a str)> {
+    let client_user = client_params
+        .iter()
+        .rfind(|(k, _)| k == "user")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let mut out: Vec<(&str, &str)> = vec![("user", creds.user.as_str())];
+    let mut has_database = false;
+    for (k, v) in client_params {
+        match k.as_str() {
+            "user" => {}
+            k if k.starts_with("_pq_.") => {}
+            "database" => {
+                has_database = true;
+                out.push(("database", v));
+            }
+            _ => out.push((k.as_str(), v.as_str())),
+        }
+    }
+    if !has_database {
+        out.push(("database", client_user));
+    }
+    out
+}
+
+/// Connects and authenticates, bounded by `timeout` as a whole.
+pub async fn connect(
+    node: &NodeConfig,
+    creds: &Credentials,
+    client_params: &[(String, String)],
+    timeout: Duration,
+) -> Result<BackendConn, BackendError> {
+    let name = node.name.clone();
+    match tokio::time::timeout(timeout, connect_inner(node, creds, client_params)).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Timeout {
+            node: name,
+            timeout,
+        }),
+    }
+}
+
+async fn connect_inner(
+    node: &NodeConfig,
+    creds: &Credentials,
+    client_params: &[(String, String)],
+) -> Result<BackendConn, BackendError> {
+    let name = node.name.clone();
+    let io_err = |source: std::io::Error| BackendError::Connect {
+        node: name.clone(),
+        source,
+    };
+    let proto = |detail: String| BackendError::Protocol {
+        node: node.name.clone(),
+        detail,
+    };
+    let mut stream = TcpStream::connect((node.host.as_str(), node.port))
+        .await
+        .map_err(io_err)?;
+    stream.set_nodelay(true).map_err(io_err)?;
+
+    let mut out = BytesMut::new();
+    frontend::startup_message(startup_params(client_params, creds), &mut out)
+        .map_err(|e| proto(format!("cannot encode startup message: {e}")))?;
+    stream.write_all(&out).await.map_err(io_err)?;
+
+    let password = creds.password.as_ref().map(|p| p.expose().as_bytes());
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut greeting = BytesMut::new();
+    let mut parameters = Vec::new();
+    let mut key = None;
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let frame = read_frame(&mut stream, &mut buf).await.map_err(io_err)?;
+        let raw = frame.clone();
+        let msg = Message::parse(&mut BytesMut::from(&frame[..]))
+            .map_err(|e| proto(format!("unparsable message: {e}")))?
+            .ok_or_else(|| proto("truncated message".into()))?;
+        let mut reply = BytesMut::new();
+        match msg {
+            Message::AuthenticationOk => {}
+            Message::AuthenticationCleartextPassword => {
+                let pw = password.ok_or_else(|| missing_password(node))?;
+                frontend::password_message(pw, &mut reply).map_err(|e| proto(e.to_string()))?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let pw = password.ok_or_else(|| missing_password(node))?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    creds.user.as_bytes(),
+                    pw,
+                    body.salt(),
+                );
+                frontend::password_message(hash.as_bytes(), &mut reply)
+                    .map_err(|e| proto(e.to_string()))?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let pw = password.ok_or_else(|| missing_password(node))?;
+                let mut mechanisms = body.mechanisms();
+                let mut found = false;
+                while let Some(m) = mechanisms.next().map_err(|e| proto(e.to_string()))? {
+                    found |= m == SCRAM_SHA_256;
+                }
+                if !found {
+                    return Err(BackendError::UnsupportedAuth {
+                        node: node.name.clone(),
+                        method: "a SASL mechanism other than SCRAM-SHA-256".into(),
+                    });
+                }
+                let s = ScramSha256::new(pw, ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut reply)
+                    .map_err(|e| proto(e.to_string()))?;
+                scram = Some(s);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| proto("SASL continue without SASL".into()))?;
+                s.update(body.data())
+                    .map_err(|e| proto(format!("SCRAM: {e}")))?;
+                frontend::sasl_response(s.message(), &mut reply)
+                    .map_err(|e| proto(e.to_string()))?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| proto("SASL final without SASL".into()))?;
+                s.finish(body.data())
+                    .map_err(|e| proto(format!("SCRAM server signature: {e}")))?;
+            }
+            Message::ParameterStatus(body) => {
+                let k = body.name().map_err(|e| proto(e.to_string()))?;
+                let v = body.value().map_err(|e| proto(e.to_string()))?;
+                parameters.push((k.to_owned(), v.to_owned()));
+                greeting.extend_from_slice(&raw);
+            }
+            Message::NoticeResponse(_) => greeting.extend_from_slice(&raw),
+            Message::BackendKeyData(body) => {
+                key = Some(CancelKey {
+                    pid: body.process_id() as u32,
+                    secret: body.secret_key() as u32,
+                });
+            }
+            Message::ReadyForQuery(body) => {
+                let status = TxStatus::from_byte(body.status())
+                    .ok_or_else(|| proto("bad ReadyForQuery status".into()))?;
+                let key =
+                    key.ok_or_else(|| proto("no BackendKeyData before ReadyForQuery".into()))?;
+                return Ok(BackendConn {
+                    stream,
+                    node: node.name.clone(),
+                    host: node.host.clone(),
+                    port: node.port,
+                    key,
+                    parameters,
+                    greeting: greeting.freeze(),
+                    status,
+                });
+            }
+            Message::ErrorResponse(body) => {
+                let mut sqlstate = String::new();
+                let mut message = String::new();
+                let mut fields = body.fields();
+                while let Ok(Some(f)) = fields.next() {
+                    match f.type_() {
+                        b'C' => sqlstate = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        _ => {}
+                    }
+                }
+                return Err(BackendError::Refused {
+                    node: node.name.clone(),
+                    sqlstate,
+                    message,
+                    raw,
+                });
+            }
+            Message::AuthenticationKerberosV5
+            | Message::AuthenticationScmCredential
+            | Message::AuthenticationGss
+            | Message::AuthenticationSspi
+            | Message::AuthenticationGssContinue(_) => {
+                return Err(BackendError::UnsupportedAuth {
+                    node: node.name.clone(),
+                    method: "GSS/SSPI/Kerberos authentication".into(),
+                })
+            }
+            _ => {
+                return Err(proto(format!(
+                    "unexpected message {:?} during startup",
+                    raw[0] as char
+                )))
+            }
+        }
+        if !reply.is_empty() {
+            stream.write_all(&reply).await.map_err(io_err)?;
+        }
+    }
+}
+
+fn missing_password(node: &NodeConfig) -> BackendError {
+    BackendError::UnsupportedAuth {
+        node: node.name.clone(),
+        method: "a password, but none is configured for graywire".into(),
+    }
+}
+
+/// Reads one whole message (tag, length, body) during startup.
+async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<Bytes> {
+    const MAX_STARTUP_MESSAGE: usize = 1 << 20;
+    loop {
+        if buf.len() >= 5 {
+            let len = (&buf[1..5]).get_u32() as usize;
+            if !(4..=MAX_STARTUP_MESSAGE).contains(&len) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("message length {len} during startup"),
+                ));
+            }
+            if buf.len() > len {
+                return Ok(buf.split_to(1 + len).freeze());
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Ends a backend connection politely: Terminate, then close.
+pub async fn terminate(mut stream: TcpStream) {
+    let mut out = BytesMut::new();
+    frontend::terminate(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn startup_params_use_graywire_user_and_keep_the_rest() {
+        let creds = Credentials {
+            user: "graywire".into(),
+            password: Some(Secret::new("x")),
+        };
+        let client = vec![
+            ("user".to_string(), "app".to_string()),
+            ("options".to_string(), "-c work_mem=8MB".to_string()),
+            ("_pq_.thing".to_string(), "1".to_string()),
+        ];
+        let p = startup_params(&client, &creds);
+        assert_eq!(
+            p,
+            vec![
+                ("user", "graywire"),
+                ("options", "-c work_mem=8MB"),
+                ("database", "app")
+            ]
+        );
+        let mut with_db = client.clone();
+        with_db.push(("database".into(), "shop".into()));
+        let p = startup_params(&with_db, &creds);
+        assert!(p.contains(&("database", "shop")));
+        assert!(!p.contains(&("database", "app")));
+    }
+}

@@ -1,0 +1,213 @@
+//! CancelRequest routing: graywire gives each session its own BackendKeyData and remembers
+//! which backend (node address and that backend's key) runs the session's queries right now,
+//! so a cancel reaches the right process even after the session moved.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::protocol::startup::CancelKey;
+
+/// Where a session's current query runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub key: CancelKey,
+}
+
+/// Why a CancelRequest was not forwarded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Forwarded,
+    /// No session has that key (or the secret is wrong): ignored, as PostgreSQL does.
+    UnknownKey,
+    /// The session has no backend right now: nothing runs, nothing to cancel.
+    Idle,
+    Failed(String),
+}
+
+struct Entry {
+    secret: u32,
+    target: Arc<ArcSwapOption<CancelTarget>>,
+}
+
+/// All live sessions' keys.
+pub struct CancelRegistry {
+    sessions: DashMap<u32, Entry>,
+    next_pid: AtomicU32,
+}
+
+impl Default for CancelRegistry {
+    fn default() -> Self {
+        CancelRegistry {
+            sessions: DashMap::new(),
+            // Start somewhere random so keys differ between graywire restarts.
+            next_pid: AtomicU32::new(rand::random::<u32>() | 1),
+        }
+    }
+}
+
+/// A session's registration; dropping it forgets the key.
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    key: CancelKey,
+    target: Arc<ArcSwapOption<CancelTarget>>,
+}
+
+impl CancelHandle {
+    /// The key graywire gave the client.
+    pub fn key(&self) -> CancelKey {
+        self.key
+    }
+
+    /// Points cancels at the session's current backend (or at nothing).
+    pub fn set_target(&self, target: Option<CancelTarget>) {
+        self.target.store(target.map(Arc::new));
+    }
+
+    pub fn target(&self) -> Option<Arc<CancelTarget>> {
+        self.target.load_full()
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.registry.sessions.remove(&self.key.pid);
+    }
+}
+
+impl CancelRegistry {
+    /// Allocates a key no live session holds.
+    pub fn register(self: &Arc<Self>) -> CancelHandle {
+        let target = Arc::new(ArcSwapOption::empty());
+        loop {
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if pid == 0 {
+                continue;
+            }
+            let secret = rand::random::<u32>();
+            if let dashmap::Entry::Vacant(v) = self.sessions.entry(pid) {
+                v.insert(Entry {
+                    secret,
+                    target: target.clone(),
+                });
+                return CancelHandle {
+                    registry: self.clone(),
+                    key: CancelKey { pid, secret },
+                    target,
+                };
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    fn lookup(&self, key: CancelKey) -> Result<Option<Arc<CancelTarget>>, CancelOutcome> {
+        let entry = self
+            .sessions
+            .get(&key.pid)
+            .ok_or(CancelOutcome::UnknownKey)?;
+        if entry.secret != key.secret {
+            return Err(CancelOutcome::UnknownKey);
+        }
+        Ok(entry.target.load_full())
+    }
+
+    /// Forwards a client's CancelRequest to the backend running that session's query.
+    pub async fn forward(&self, key: CancelKey, timeout: Duration) -> CancelOutcome {
+        match self.lookup(key) {
+            Err(outcome) => outcome,
+            Ok(None) => CancelOutcome::Idle,
+            Ok(Some(target)) => match send_cancel(&target, timeout).await {
+                Ok(()) => CancelOutcome::Forwarded,
+                Err(e) => CancelOutcome::Failed(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Sends one CancelRequest packet to a node, as a client would.
+pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::Result<()> {
+    let mut packet = [0u8; 16];
+    packet[0..4].copy_from_slice(&16u32.to_be_bytes());
+    packet[4..8].copy_from_slice(&80_877_102u32.to_be_bytes());
+    packet[8..12].copy_from_slice(&target.key.pid.to_be_bytes());
+    packet[12..16].copy_from_slice(&target.key.secret.to_be_bytes());
+    let attempt = async {
+        let mut s = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        s.write_all(&packet).await?;
+        s.shutdown().await
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_and_forgotten_on_drop() {
+        let reg = Arc::new(CancelRegistry::default());
+        let a = reg.register();
+        let b = reg.register();
+        assert_ne!(a.key().pid, b.key().pid);
+        assert_eq!(reg.len(), 2);
+        drop(a);
+        assert_eq!(reg.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn wrong_secret_and_idle_sessions_are_not_forwarded() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        let mut wrong = h.key();
+        wrong.secret = wrong.secret.wrapping_add(1);
+        let t = Duration::from_millis(100);
+        assert_eq!(reg.forward(wrong, t).await, CancelOutcome::UnknownKey);
+        assert_eq!(reg.forward(h.key(), t).await, CancelOutcome::Idle);
+    }
+
+    #[tokio::test]
+    async fn forwards_the_backend_key_to_the_target() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        h.set_target(Some(CancelTarget {
+            host: "127.0.0.1".into(),
+            port,
+            key: CancelKey { pid: 42, secret: 7 },
+        }));
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.expect("read");
+            buf
+        });
+        assert_eq!(
+            reg.forward(h.key(), Duration::from_secs(2)).await,
+            CancelOutcome::Forwarded
+        );
+        let got = server.await.expect("join");
+        assert_eq!(got.len(), 16);
+        assert_eq!(&got[8..12], &42u32.to_be_bytes());
+        assert_eq!(&got[12..16], &7u32.to_be_bytes());
+    }
+}

@@ -1,0 +1,60 @@
+//! The state every task of one running graywire shares: config, topology, cancel keys, the
+//! session count and the shutdown signals. Built once by [`crate::Proxy::new`]; no globals.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::topology::Topology;
+
+pub struct Context {
+    pub config: ArcSwap<Config>,
+    pub topology: Topology,
+    pub cancels: Arc<CancelRegistry>,
+    pub shutdown: Shutdown,
+    sessions: AtomicUsize,
+}
+
+impl Context {
+    pub fn new(config: Config) -> Self {
+        Context {
+            topology: Topology::new(&config.nodes),
+            config: ArcSwap::from_pointee(config),
+            cancels: Arc::new(CancelRegistry::default()),
+            shutdown: Shutdown::default(),
+            sessions: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes one of `max_client_connections` session slots, or `None` when all are taken.
+    pub fn try_open_session(self: &Arc<Self>) -> Option<SessionSlot> {
+        let max = self.config.load().listener.max_client_connections;
+        let prev = self.sessions.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!(crate::metrics::SESSIONS).increment(1.0);
+        Some(SessionSlot { ctx: self.clone() })
+    }
+
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.load(Ordering::Acquire)
+    }
+}
+
+/// One open session; gives its slot back when dropped.
+pub struct SessionSlot {
+    ctx: Arc<Context>,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.ctx.sessions.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(crate::metrics::SESSIONS).decrement(1.0);
+    }
+}

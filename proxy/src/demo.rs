@@ -1,0 +1,139 @@
+//! `graywire demo`: a real local cluster (one primary, streaming standbys), graywire in front
+//! of it with the admin API, until Ctrl-C or SIGTERM; then everything it started is stopped and
+//! its directory removed.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::localcluster::{ClusterSpec, LocalCluster, LocalClusterError};
+use crate::Proxy;
+
+/// The client user the demo creates, and its password.
+pub const DEMO_USER: &str = "app";
+const DEMO_PASSWORD: &str = "app";
+
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Cluster(#[from] LocalClusterError),
+    #[error("demo configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source} (choose another with --port/--admin-port, or 0 for any free port)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the cluster task failed: {0}")]
+    Task(String),
+}
+
+pub struct DemoOptions {
+    pub nodes: usize,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// The graywire config for a local cluster. Nodes are listed in reverse, so the primary is
+/// found by asking the nodes, not by its place in the list.
+pub fn demo_config(cluster: &LocalCluster, listen: SocketAddr, admin: SocketAddr) -> String {
+    let mut toml = format!(
+        "[listener]\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n\
+         [backend]\nuser = \"{}\"\npassword = \"{}\"\n\n[shutdown]\ntimeout = \"5s\"\n\n\
+         [[users]]\nname = \"{DEMO_USER}\"\nauth = \"scram-sha-256\"\npassword = \"{DEMO_PASSWORD}\"\n",
+        cluster.superuser(),
+        cluster.password(),
+    );
+    for i in (0..cluster.len()).rev() {
+        let _ = write!(
+            toml,
+            "\n[[nodes]]\nname = \"pg{}\"\nhost = \"{}\"\nport = {}\n",
+            i + 1,
+            cluster.host(),
+            cluster.port(i)
+        );
+    }
+    toml
+}
+
+/// Runs the demo until `stop` is cancelled.
+pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoError> {
+    let mut spec = ClusterSpec::new(opts.nodes)?;
+    let mut password = [0u8; 12];
+    rand::fill(&mut password);
+    spec.superuser_password = password.iter().map(|b| format!("{b:02x}")).collect();
+    println!("starting a {}-node PostgreSQL cluster ...", opts.nodes);
+    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(spec))
+        .await
+        .map_err(|e| DemoError::Task(e.to_string()))??;
+
+    let result = serve(&cluster, &opts, stop).await;
+    println!(
+        "stopping the cluster and removing {}",
+        cluster.dir().display()
+    );
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .map_err(|e| DemoError::Task(e.to_string()))?;
+    result
+}
+
+async fn serve(
+    cluster: &LocalCluster,
+    opts: &DemoOptions,
+    stop: CancellationToken,
+) -> Result<(), DemoError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| DemoError::Bind { addr, source })
+    };
+    let listener = bind(opts.listen).await?;
+    let admin = bind(opts.admin).await?;
+    let listen = listener.local_addr().map_err(|source| DemoError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| DemoError::Bind {
+        addr: opts.admin,
+        source,
+    })?;
+    let config = Config::from_toml(&demo_config(cluster, listen, admin_addr))?;
+
+    let proxy = Proxy::new(config);
+    let running = proxy.run(listener, Some(admin), stop.clone());
+    tokio::pin!(running);
+    tokio::select! {
+        _ = &mut running => return Ok(()),
+        _ = proxy.wait_for_first_checks(Duration::from_secs(10)) => {}
+    }
+    let mut table = String::new();
+    for n in &proxy.topology().nodes {
+        let _ = writeln!(
+            table,
+            "    {:<6} {:<22} {:<8} {}",
+            n.name().as_str(),
+            format!("{}:{}", n.config.host, n.config.port),
+            n.role.as_str(),
+            n.state_str()
+        );
+    }
+    println!(
+        "\ngraywire demo is running (cluster in {dir})\n\
+         \n  connect: psql \"postgres://{DEMO_USER}:{DEMO_PASSWORD}@{listen}/postgres\"\
+         \n  admin:   http://{admin_addr}/v1/nodes\
+         \n  metrics: http://{admin_addr}/metrics\
+         \n\n  nodes:\n    {:<6} {:<22} {:<8} STATE\n{table}\npress Ctrl-C to stop",
+        "NAME",
+        "ADDRESS",
+        "ROLE",
+        dir = cluster.dir().display(),
+    );
+    running.await;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! Why a session (or one of its requests) failed, which side failed, and the ONLY mapping from
+//! a failure to the ErrorResponse and SQLSTATE a client sees. Deep code returns these types;
+//! it never writes an ErrorResponse itself.
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::protocol::frame::FrameError;
+use crate::protocol::message::{self, Severity};
+use crate::protocol::scram::ScramError;
+use crate::protocol::startup::StartupError;
+use crate::protocol::SqlState;
+use crate::topology::NodeName;
+
+/// Which side of graywire a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Node,
+    Graywire,
+}
+
+/// Opening a backend connection failed.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("cannot connect to node {node}: {source}")]
+    Connect {
+        node: NodeName,
+        source: std::io::Error,
+    },
+    #[error("node {node} did not finish startup within {timeout:?}")]
+    Timeout {
+        node: NodeName,
+        timeout: std::time::Duration,
+    },
+    /// The node refused the session with an ErrorResponse, relayed to the client as it is.
+    #[error("node {node} refused the session: {message} ({sqlstate})")]
+    Refused {
+        node: NodeName,
+        sqlstate: String,
+        message: String,
+        raw: Bytes,
+    },
+    #[error("node {node} asked for {method}, which graywire cannot answer")]
+    UnsupportedAuth { node: NodeName, method: String },
+    #[error("node {node} broke the protocol during startup: {detail}")]
+    Protocol { node: NodeName, detail: String },
+}
+
+impl BackendError {
+    /// True when the node itself is unreachable, so the failure counts as a failed check.
+    pub fn is_node_failure(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Connect { .. }
+                | BackendError::Timeout { .. }
+                | BackendError::Protocol { .. }
+        )
+    }
+}
+
+/// Everything that can end a session before or while it runs.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("client went away: {0}")]
+    ClientGone(#[source] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Startup(#[from] StartupError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Scram(#[from] ScramError),
+    #[error("client did not finish authentication within the timeout")]
+    AuthTimeout,
+    #[error("role \"{0}\" is not known to graywire")]
+    UnknownUser(String),
+    #[error("password authentication failed for user \"{0}\"")]
+    BadPassword(String),
+    #[error("sorry, too many clients already")]
+    TooManyConnections,
+    #[error("{0} is not supported by graywire")]
+    Unsupported(&'static str),
+    #[error("no primary node is available (waited {0:?})")]
+    NoPrimary(std::time::Duration),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("lost the connection to node {node}: {reason}")]
+    BackendLost { node: NodeName, reason: String },
+    #[error("graywire is shutting down")]
+    Shutdown,
+}
+
+impl SessionError {
+    pub fn side(&self) -> Side {
+        match self {
+            SessionError::ClientGone(_)
+            | SessionError::Frame(_)
+            | SessionError::Startup(_)
+            | SessionError::Protocol(_)
+            | SessionError::Scram(_)
+            | SessionError::AuthTimeout
+            | SessionError::UnknownUser(_)
+            | SessionError::BadPassword(_)
+            | SessionError::Unsupported(_) => Side::Client,
+            SessionError::Backend(_)
+            | SessionError::BackendLost { .. }
+            | SessionError::NoPrimary(_) => Side::Node,
+            SessionError::TooManyConnections | SessionError::Shutdown => Side::Graywire,
+        }
+    }
+
+    /// The SQLSTATE the client sees; `None` when nothing is sent (the client is gone, or the
+    /// node's own ErrorResponse is relayed).
+    pub fn sqlstate(&self) -> Option<SqlState> {
+        Some(match self {
+            SessionError::ClientGone(_) => return None,
+            SessionError::Backend(BackendError::Refused { .. }) => return None,
+            // Like PostgreSQL: an unsupported protocol version is a missing feature.
+            SessionError::Startup(StartupError::UnsupportedProtocol { .. }) => {
+                SqlState::FEATURE_NOT_SUPPORTED
+            }
+            SessionError::Frame(_)
+            | SessionError::Startup(_)
+            | SessionError::Protocol(_)
+            | SessionError::AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            SessionError::Scram(ScramError::BadProof) => SqlState::INVALID_PASSWORD,
+            SessionError::Scram(_) => SqlState::PROTOCOL_VIOLATION,
+            SessionError::UnknownUser(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SessionError::BadPassword(_) => SqlState::INVALID_PASSWORD,
+            SessionError::TooManyConnections => SqlState::TOO_MANY_CONNECTIONS,
+            SessionError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            SessionError::NoPrimary(_) | SessionError::Backend(_) => SqlState::CANNOT_CONNECT_NOW,
+            SessionError::BackendLost { .. } => SqlState::CONNECTION_FAILURE,
+            SessionError::Shutdown => SqlState::ADMIN_SHUTDOWN,
+        })
+    }
+
+    /// The FATAL message that ends the session, ready to write; empty when nothing is sent.
+    pub fn fatal_response(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        if let SessionError::Backend(BackendError::Refused { raw, .. }) = self {
+            return raw.clone();
+        }
+        if let Some(code) = self.sqlstate() {
+            let message = match self {
+                // PostgreSQL does not reveal why SCRAM failed beyond this.
+                SessionError::Scram(ScramError::BadProof) => {
+                    "password authentication failed".to_owned()
+                }
+                other => other.to_string(),
+            };
+            message::error_response(&mut out, Severity::Fatal, code, &message, None);
+        }
+        out.freeze()
+    }
+
+    /// A client hanging up is routine; everything else is worth a log line at warn.
+    pub fn is_routine(&self) -> bool {
+        matches!(self, SessionError::ClientGone(_) | SessionError::Shutdown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: SessionError) -> Option<&'static str> {
+        e.sqlstate().map(SqlState::code)
+    }
+
+    #[test]
+    fn each_failure_maps_to_its_sqlstate() {
+        use std::io::{Error, ErrorKind};
+        let n = NodeName::new("pg1");
+        assert_eq!(code_of(SessionError::Protocol("x".into())), Some("08P01"));
+        assert_eq!(code_of(StartupError::NoUser.into()), Some("08P01"));
+        assert_eq!(
+            code_of(StartupError::UnsupportedProtocol { major: 2, minor: 0 }.into()),
+            Some("0A000")
+        );
+        assert_eq!(
+            code_of(SessionError::UnknownUser("u".into())),
+            Some("28000")
+        );
+        assert_eq!(
+            code_of(SessionError::BadPassword("u".into())),
+            Some("28P01")
+        );
+        assert_eq!(code_of(ScramError::BadProof.into()), Some("28P01"));
+        assert_eq!(code_of(ScramError::ChannelBinding.into()), Some("08P01"));
+        assert_eq!(code_of(SessionError::TooManyConnections), Some("53300"));
+        assert_eq!(code_of(SessionError::Shutdown), Some("57P01"));
+        assert_eq!(
+            code_of(SessionError::NoPrimary(Default::default())),
+            Some("57P03")
+        );
+        assert_eq!(
+            code_of(SessionError::BackendLost {
+                node: n.clone(),
+                reason: "eof".into()
+            }),
+            Some("08006")
+        );
+        assert_eq!(
+            code_of(SessionError::ClientGone(Error::from(ErrorKind::BrokenPipe))),
+            None
+        );
+        let refused = BackendError::Refused {
+            node: n,
+            sqlstate: "3D000".into(),
+            message: "no db".into(),
+            raw: Bytes::from_static(b"E..."),
+        };
+        let e = SessionError::from(refused);
+        assert_eq!(e.sqlstate(), None);
+        assert_eq!(
+            &e.fatal_response()[..],
+            b"E...",
+            "node errors are relayed unchanged"
+        );
+    }
+
+    #[test]
+    fn fatal_response_is_an_error_message() {
+        let r = SessionError::TooManyConnections.fatal_response();
+        assert_eq!(r[0], b'E');
+        let text = String::from_utf8_lossy(&r);
+        assert!(text.contains("FATAL") && text.contains("53300"), "{text}");
+    }
+}

@@ -1,0 +1,185 @@
+//! Health checks: one task per node asks it `pg_is_in_recovery()` and its version every
+//! interval over a kept tokio-postgres connection, and publishes what it saw to the topology.
+//! Every change of health or role is one log line and one metric.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tracing::{info, warn};
+
+use crate::config::{Credentials, HealthConfig, NodeConfig};
+use crate::context::Context;
+use crate::metrics as m;
+use crate::topology::{Health, NodeName, NodeStatus, Observation, Role, Topology};
+
+/// Starts the checker of one node; it stops on hard shutdown.
+pub fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let stop = ctx.shutdown.hard.clone();
+        tokio::select! {
+            _ = check_forever(&ctx, &node) => {}
+            _ = stop.cancelled() => {}
+        }
+    })
+}
+
+async fn check_forever(ctx: &Context, node: &NodeConfig) {
+    let mut conn: Option<Checker> = None;
+    let mut ticks = tokio::time::interval(ctx.config.load().health.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let config = ctx.config.load();
+        let obs = check_once(&mut conn, node, &config.backend, &config.health).await;
+        let result = if matches!(obs, Observation::Ok { .. }) {
+            "ok"
+        } else {
+            "failed"
+        };
+        metrics::counter!(m::HEALTH_CHECKS_TOTAL, "node" => node.name.to_string(), "result" => result)
+            .increment(1);
+        let (fall, rise) = (config.health.fall, config.health.rise);
+        apply(&ctx.topology, &node.name, |s| {
+            s.observe(&obs, fall, rise, Instant::now())
+        });
+    }
+}
+
+/// Records a failed backend connect or a backend connection that died (passive check).
+pub fn passive_failure(ctx: &Context, node: &NodeName, reason: &str) {
+    let fall = ctx.config.load().health.fall;
+    apply(&ctx.topology, node, |s| {
+        s.passive_failure(reason, fall, Instant::now())
+    });
+}
+
+/// Publishes a transition and reports it once (log line, metrics).
+fn apply(topology: &Topology, node: &NodeName, f: impl Fn(&NodeStatus) -> NodeStatus) {
+    let Some((old, new)) = topology.update(node, f) else {
+        return;
+    };
+    export_node(&new);
+    if old.health != new.health {
+        let to = if new.health == Health::Up {
+            "up"
+        } else {
+            "down"
+        };
+        metrics::counter!(m::NODE_TRANSITIONS_TOTAL, "node" => node.to_string(), "to" => to)
+            .increment(1);
+        if new.health == Health::Up {
+            info!(node = %node, role = new.role.as_str(), version = new.version.as_deref().unwrap_or(""), "node is up");
+        } else {
+            warn!(node = %node, reason = new.last_error.as_deref().unwrap_or(""), "node is down");
+        }
+    }
+    if old.role != new.role {
+        metrics::counter!(m::NODE_TRANSITIONS_TOTAL, "node" => node.to_string(), "to" => new.role.as_str())
+            .increment(1);
+        info!(node = %node, from = old.role.as_str(), to = new.role.as_str(), "node changed role");
+    }
+    let snapshot = topology.load();
+    let split = snapshot.split_brain();
+    metrics::gauge!(m::SPLIT_BRAIN).set(if split { 1.0 } else { 0.0 });
+    if split && (old.role != new.role || old.health != new.health) {
+        let names: Vec<String> = snapshot.primaries().map(|n| n.name().to_string()).collect();
+        warn!(primaries = ?names, "split brain: more than one node claims to be primary; no writes go to any of them");
+    }
+}
+
+/// Sets the per-node gauges from a status.
+pub fn export_node(s: &NodeStatus) {
+    let node = s.name().to_string();
+    metrics::gauge!(m::NODE_UP, "node" => node.clone()).set(if s.health == Health::Up {
+        1.0
+    } else {
+        0.0
+    });
+    for role in Role::ALL {
+        let v = if role == s.role { 1.0 } else { 0.0 };
+        metrics::gauge!(m::NODE_ROLE, "node" => node.clone(), "role" => role.as_str()).set(v);
+    }
+}
+
+/// A kept connection for health checks; its driver task ends with it.
+struct Checker {
+    client: tokio_postgres::Client,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+async fn check_once(
+    conn: &mut Option<Checker>,
+    node: &NodeConfig,
+    creds: &Credentials,
+    health: &HealthConfig,
+) -> Observation {
+    let attempt = async {
+        if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *conn = Some(connect(node, creds, health).await?);
+        }
+        let Some(c) = conn.as_ref() else {
+            return Err("no connection".to_owned());
+        };
+        let row = c
+            .client
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('server_version')",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let in_recovery: bool = row.try_get(0).map_err(|e| e.to_string())?;
+        let version: String = row.try_get(1).map_err(|e| e.to_string())?;
+        Ok(Observation::Ok {
+            role: if in_recovery {
+                Role::Standby
+            } else {
+                Role::Primary
+            },
+            version,
+        })
+    };
+    match tokio::time::timeout(health.timeout, attempt).await {
+        Ok(Ok(obs)) => obs,
+        Ok(Err(reason)) => {
+            *conn = None;
+            Observation::Failed { reason }
+        }
+        Err(_) => {
+            *conn = None;
+            Observation::Failed {
+                reason: format!("no answer within {:?}", health.timeout),
+            }
+        }
+    }
+}
+
+async fn connect(
+    node: &NodeConfig,
+    creds: &Credentials,
+    health: &HealthConfig,
+) -> Result<Checker, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&node.host)
+        .port(node.port)
+        .user(&creds.user)
+        .dbname(&health.database)
+        .application_name("graywire health check")
+        .connect_timeout(health.timeout);
+    if let Some(p) = &creds.password {
+        cfg.password(p.expose());
+    }
+    let (client, connection) = cfg.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(Checker { client, driver })
+}

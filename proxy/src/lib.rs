@@ -1,0 +1,147 @@
+//! graywire: a high-availability proxy for the PostgreSQL wire protocol.
+//!
+//! Codemap (see `docs/ARCHITECTURE.md` for how a connection flows through it):
+//! - [`config`]: the TOML file, validated whole before use.
+//! - [`listener`]: accept loop, one task per client.
+//! - [`session`]: the client state machine (startup, auth, relay, close) — start here.
+//! - [`backend`]: opening and authenticating backend connections to nodes.
+//! - [`protocol`]: framing, startup packets, messages graywire writes, SCRAM, SQLSTATEs.
+//! - [`topology`], [`health`], [`router`]: what the nodes are and which one serves a session.
+//! - [`cancel`]: CancelRequest routing.
+//! - [`error`]: failure types and the only mapping to what clients see.
+//! - [`metrics`]: every metric name. [`admin`]: the HTTP API.
+//! - [`shutdown`]: two-deadline stop. [`localcluster`] and [`demo`]: a real cluster on this
+//!   machine for `graywire demo` and the tests.
+
+pub mod admin;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod context;
+pub mod demo;
+pub mod error;
+pub mod health;
+pub mod listener;
+pub mod localcluster;
+pub mod metrics;
+pub mod protocol;
+pub mod router;
+pub mod session;
+pub mod shutdown;
+pub mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::context::Context;
+use crate::topology::Snapshot;
+
+/// How long sessions get after the soft deadline before their sockets are dropped.
+const HARD_GRACE: Duration = Duration::from_secs(5);
+
+/// One graywire instance, built from a validated config.
+pub struct Proxy {
+    ctx: Arc<Context>,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Self {
+        Proxy {
+            ctx: Arc::new(Context::new(config)),
+        }
+    }
+
+    /// The current view of the nodes.
+    pub fn topology(&self) -> Arc<Snapshot> {
+        self.ctx.topology.load()
+    }
+
+    /// Waits until every node has been checked at least once (bounded by `timeout`).
+    pub async fn wait_for_first_checks(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.ctx.topology.subscribe();
+        loop {
+            let checked = self
+                .topology()
+                .nodes
+                .iter()
+                .all(|n| n.health != topology::Health::Pending);
+            if checked {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+
+    /// Serves clients on `listener` (and the admin API on `admin`, when given) until `shutdown`
+    /// is cancelled; then stops accepting, lets sessions reach a transaction boundary for up to
+    /// `shutdown.timeout`, and ends the rest with 57P01.
+    pub async fn run(
+        &self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) {
+        let ctx = &self.ctx;
+        let config = ctx.config.load_full();
+        let metrics_handle = metrics::install();
+        let checkers: Vec<_> = config
+            .nodes
+            .iter()
+            .cloned()
+            .map(|n| health::spawn(ctx.clone(), n))
+            .collect();
+        if let Some(admin) = admin {
+            let server = Arc::new(admin::Admin {
+                ctx: ctx.clone(),
+                metrics: metrics_handle,
+            });
+            tokio::spawn(admin::serve(server, admin));
+        }
+        let soft = ctx.shutdown.soft.clone();
+        let forward = tokio::spawn(async move {
+            shutdown.cancelled().await;
+            soft.cancel();
+        });
+        listener::accept_loop(ctx.clone(), listener).await;
+        info!(
+            sessions = ctx.open_sessions(),
+            "stopped accepting; waiting for sessions to reach a transaction boundary"
+        );
+        let (at_soft, at_hard) = ctx
+            .shutdown
+            .drain(config.shutdown_timeout, HARD_GRACE)
+            .await;
+        if at_soft > 0 {
+            info!(
+                at_soft,
+                at_hard, "ended sessions still in a transaction with 57P01"
+            );
+        }
+        forward.abort();
+        for c in checkers {
+            c.abort();
+        }
+        ctx.shutdown.hard.cancel();
+    }
+}
+
+/// Runs graywire with `config` on already-bound listeners until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
+) {
+    Proxy::new(config).run(listener, admin, shutdown).await
+}

@@ -1,0 +1,153 @@
+//! The `graywire` command line: parse arguments, set up logging, load the config, call the
+//! library. Exit codes: 0 ok, 1 runtime failure, 64 bad config or usage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use graywire::config::Config;
+use graywire::demo::{self, DemoOptions};
+
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "graywire",
+    version,
+    about = "High-availability proxy for the PostgreSQL wire protocol"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0 valid, 64 invalid, with every problem listed).
+    CheckConfig { file: PathBuf },
+    /// Start a local PostgreSQL cluster with graywire in front of it, until Ctrl-C.
+    Demo {
+        /// Nodes in the local cluster (one primary, the rest streaming standbys).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=9))]
+        nodes: u8,
+        /// Client port of graywire (0: any free port).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// Port of the admin API and /metrics (0: any free port).
+        #[arg(long, default_value_t = 9930)]
+        admin_port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::from_file(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} nodes, {} users)",
+                    file.display(),
+                    c.nodes.len(),
+                    c.users.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::from_file(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            runtime_then(|stop| async move {
+                let listener = tokio::net::TcpListener::bind(config.listener.address).await?;
+                let admin = tokio::net::TcpListener::bind(config.admin.address).await?;
+                info!(listen = %config.listener.address, admin = %config.admin.address, "graywire is serving");
+                graywire::run(config, listener, Some(admin), stop).await;
+                Ok(())
+            })
+        }
+        Command::Demo {
+            nodes,
+            port,
+            admin_port,
+        } => {
+            let opts = DemoOptions {
+                nodes: nodes as usize,
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            };
+            runtime_then(|stop| async move { Ok(demo::run(opts, stop).await?) })
+        }
+    }
+}
+
+/// Builds the runtime, wires SIGINT/SIGTERM to a cancellation token, runs `f`.
+fn runtime_then<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        if let Err(e) = watch_signals(stop.clone()) {
+            eprintln!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        match f(stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("graywire: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // Live reload is not built yet: keep running (SIGHUP would otherwise kill the process).
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+                _ = hup.recv() => warn!("SIGHUP: config reload is not supported by this version; restart to apply changes"),
+            }
+        }
+        stop.cancel();
+    });
+    Ok(())
+}

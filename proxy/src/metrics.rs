@@ -1,0 +1,132 @@
+//! Every metric the proxy exports: its name, type and meaning, in one place. Code records
+//! through these constants only; `describe()` registers the help texts and `install()` sets up
+//! the Prometheus exporter once per process.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Client connections accepted by the listener, by outcome of their startup
+/// (`result`: session, cancel, refused_limit, auth_failed, protocol_error, backend_error, closed).
+pub const CLIENT_CONNECTIONS_TOTAL: &str = "graywire_client_connections_total";
+/// Sessions currently open (client connections past authentication).
+pub const SESSIONS: &str = "graywire_sessions";
+/// Sessions currently bound to a node (label `node`).
+pub const NODE_SESSIONS: &str = "graywire_node_sessions";
+/// Backend connections currently open to a node (label `node`).
+pub const BACKEND_CONNECTIONS: &str = "graywire_backend_connections";
+/// ErrorResponses clients received, relayed or graywire's own (labels `sqlstate`, `source`).
+pub const CLIENT_ERRORS_TOTAL: &str = "graywire_client_errors_total";
+/// Time from a client's request to the ReadyForQuery that answers it.
+pub const QUERY_DURATION_SECONDS: &str = "graywire_query_duration_seconds";
+/// CancelRequests received (`result`: forwarded, unknown_key, failed).
+pub const CANCEL_REQUESTS_TOTAL: &str = "graywire_cancel_requests_total";
+/// 1 when the node's health is up, 0 otherwise (label `node`).
+pub const NODE_UP: &str = "graywire_node_up";
+/// 1 for the node's current role, 0 for the others (labels `node`, `role`).
+pub const NODE_ROLE: &str = "graywire_node_role";
+/// Health checks run (labels `node`, `result`: ok, failed).
+pub const HEALTH_CHECKS_TOTAL: &str = "graywire_health_checks_total";
+/// Changes of a node's health or role (labels `node`, `to`: up, down, primary, standby, unknown).
+pub const NODE_TRANSITIONS_TOTAL: &str = "graywire_node_transitions_total";
+/// 1 while more than one node claims to be primary.
+pub const SPLIT_BRAIN: &str = "graywire_split_brain";
+/// Client requests waiting for a suitable node right now.
+pub const HELD_REQUESTS: &str = "graywire_held_requests";
+/// How long requests were held before a node took them or the hold timed out.
+pub const HOLD_DURATION_SECONDS: &str = "graywire_hold_duration_seconds";
+/// Bytes relayed (label `direction`: client_to_node, node_to_client).
+pub const RELAYED_BYTES_TOTAL: &str = "graywire_relayed_bytes_total";
+
+/// Latency buckets from 100 µs to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+pub fn describe() {
+    describe_counter!(
+        CLIENT_CONNECTIONS_TOTAL,
+        "Client connections accepted, by outcome of their startup"
+    );
+    describe_gauge!(SESSIONS, "Sessions currently open");
+    describe_gauge!(NODE_SESSIONS, "Sessions currently bound to the node");
+    describe_gauge!(
+        BACKEND_CONNECTIONS,
+        "Backend connections currently open to the node"
+    );
+    describe_counter!(
+        CLIENT_ERRORS_TOTAL,
+        "ErrorResponses sent to clients, by SQLSTATE and source"
+    );
+    describe_histogram!(
+        QUERY_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from a client request to its ReadyForQuery"
+    );
+    describe_counter!(CANCEL_REQUESTS_TOTAL, "CancelRequests received, by result");
+    describe_gauge!(NODE_UP, "1 when the node passes health checks");
+    describe_gauge!(NODE_ROLE, "1 for the node's discovered role");
+    describe_counter!(HEALTH_CHECKS_TOTAL, "Health checks run, by result");
+    describe_counter!(NODE_TRANSITIONS_TOTAL, "Changes of node health or role");
+    describe_gauge!(
+        SPLIT_BRAIN,
+        "1 while more than one node claims to be primary"
+    );
+    describe_gauge!(
+        HELD_REQUESTS,
+        "Client requests held waiting for a suitable node"
+    );
+    describe_histogram!(
+        HOLD_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long requests were held"
+    );
+    describe_counter!(
+        RELAYED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes relayed between clients and nodes"
+    );
+}
+
+/// Registers the label sets that exist from the start at zero, so dashboards and alerts see
+/// a series before the first event rather than "no data".
+pub fn register_zeroes() {
+    for result in [
+        "session",
+        "cancel",
+        "closed",
+        "refused_limit",
+        "auth_failed",
+        "protocol_error",
+        "backend_error",
+        "shutdown",
+    ] {
+        metrics::counter!(CLIENT_CONNECTIONS_TOTAL, "result" => result).absolute(0);
+    }
+    for result in ["forwarded", "unknown_key", "idle", "failed"] {
+        metrics::counter!(CANCEL_REQUESTS_TOTAL, "result" => result).absolute(0);
+    }
+    metrics::gauge!(SESSIONS).increment(0.0);
+    metrics::gauge!(HELD_REQUESTS).increment(0.0);
+    metrics::gauge!(SPLIT_BRAIN).increment(0.0);
+}
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns the handle that renders
+/// `/metrics`. `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            register_zeroes();
+            Some(handle)
+        })
+        .clone()
+}

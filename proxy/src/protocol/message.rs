@@ -1,0 +1,232 @@
+//! The backend messages graywire writes to clients itself (everything else is relayed as bytes).
+
+use bytes::{BufMut, BytesMut};
+
+use super::SqlState;
+
+/// Transaction status byte of ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block (a transaction boundary).
+    Idle,
+    /// `T`: inside a transaction block.
+    InTransaction,
+    /// `E`: inside a failed transaction block.
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Option<TxStatus> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
+/// Severity of an ErrorResponse graywire writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the session goes on.
+    Error,
+    /// The session ends after this message.
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Writes one message: tag, length (which counts itself), body.
+fn put_message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let len_at = out.len();
+    out.put_u32(0);
+    body(out);
+    let len = (out.len() - len_at) as u32;
+    out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(out: &mut BytesMut, s: &str) {
+    // A NUL inside a value would end it early on the client's side; PostgreSQL never sends one.
+    out.put_slice(s.replace('\0', "").as_bytes());
+    out.put_u8(0);
+}
+
+pub fn authentication_ok(out: &mut BytesMut) {
+    put_message(out, b'R', |b| b.put_u32(0));
+}
+
+pub fn authentication_cleartext_password(out: &mut BytesMut) {
+    put_message(out, b'R', |b| b.put_u32(3));
+}
+
+pub fn authentication_md5_password(out: &mut BytesMut, salt: [u8; 4]) {
+    put_message(out, b'R', |b| {
+        b.put_u32(5);
+        b.put_slice(&salt);
+    });
+}
+
+pub fn authentication_sasl(out: &mut BytesMut, mechanisms: &[&str]) {
+    put_message(out, b'R', |b| {
+        b.put_u32(10);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_sasl_continue(out: &mut BytesMut, data: &[u8]) {
+    put_message(out, b'R', |b| {
+        b.put_u32(11);
+        b.put_slice(data);
+    });
+}
+
+pub fn authentication_sasl_final(out: &mut BytesMut, data: &[u8]) {
+    put_message(out, b'R', |b| {
+        b.put_u32(12);
+        b.put_slice(data);
+    });
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    put_message(out, b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: u32, secret: u32) {
+    put_message(out, b'K', |b| {
+        b.put_u32(pid);
+        b.put_u32(secret);
+    });
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: TxStatus) {
+    put_message(out, b'Z', |b| b.put_u8(status.byte()));
+}
+
+/// NegotiateProtocolVersion: the newest minor version graywire speaks and the `_pq_.` options
+/// it did not recognise.
+pub fn negotiate_protocol_version(out: &mut BytesMut, minor: u32, unrecognized: &[String]) {
+    put_message(out, b'v', |b| {
+        b.put_u32(minor);
+        b.put_u32(unrecognized.len() as u32);
+        for o in unrecognized {
+            put_cstr(b, o);
+        }
+    });
+}
+
+/// An ErrorResponse with the fields drivers rely on: severity (localised and not), code, message.
+pub fn error_response(
+    out: &mut BytesMut,
+    severity: Severity,
+    code: SqlState,
+    message: &str,
+    detail: Option<&str>,
+) {
+    put_message(out, b'E', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'V');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'C');
+        put_cstr(b, code.code());
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        if let Some(d) = detail {
+            b.put_u8(b'D');
+            put_cstr(b, d);
+        }
+        b.put_u8(0);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Buf;
+    use postgres_protocol::message::backend::Message;
+
+    fn parse(mut buf: BytesMut) -> Message {
+        match Message::parse(&mut buf) {
+            Ok(Some(m)) => m,
+            other => panic!("did not parse: {}", other.is_ok()),
+        }
+    }
+
+    #[test]
+    fn ready_for_query_round_trips() {
+        let mut out = BytesMut::new();
+        ready_for_query(&mut out, TxStatus::Failed);
+        assert_eq!(&out[..], b"Z\0\0\0\x05E");
+    }
+
+    #[test]
+    fn error_response_parses_with_its_fields() {
+        let mut out = BytesMut::new();
+        error_response(
+            &mut out,
+            Severity::Fatal,
+            SqlState::PROTOCOL_VIOLATION,
+            "bad",
+            Some("why"),
+        );
+        let Message::ErrorResponse(body) = parse(out) else {
+            panic!("not an ErrorResponse")
+        };
+        use fallible_iterator::FallibleIterator;
+        let fields: Vec<(u8, String)> = body
+            .fields()
+            .map(|f| {
+                Ok((
+                    f.type_(),
+                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                ))
+            })
+            .collect()
+            .expect("fields");
+        assert!(fields.contains(&(b'C', "08P01".to_string())));
+        assert!(fields.contains(&(b'S', "FATAL".to_string())));
+        assert!(fields.contains(&(b'M', "bad".to_string())));
+        assert!(fields.contains(&(b'D', "why".to_string())));
+    }
+
+    #[test]
+    fn parameter_status_and_key_data_parse() {
+        let mut out = BytesMut::new();
+        parameter_status(&mut out, "TimeZone", "UTC");
+        let Message::ParameterStatus(ps) = parse(out) else {
+            panic!("not ParameterStatus")
+        };
+        assert_eq!(ps.name().expect("name"), "TimeZone");
+        assert_eq!(ps.value().expect("value"), "UTC");
+
+        let mut out = BytesMut::new();
+        backend_key_data(&mut out, 7, 9);
+        assert_eq!(out.len(), 13);
+        let mut b = &out[5..];
+        assert_eq!(b.get_u32(), 7);
+        assert_eq!(b.get_u32(), 9);
+    }
+}

@@ -1,0 +1,354 @@
+//! The server side of SCRAM-SHA-256 (RFC 5802 / RFC 7677, as PostgreSQL uses it), and stored
+//! verifiers in PostgreSQL's `SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey` form.
+//!
+//! Pure: no I/O. The session feeds it the client's SASL messages and sends what it returns.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+pub const MECHANISM: &str = "SCRAM-SHA-256";
+const NONCE_BYTES: usize = 18;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ScramError {
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    #[error("client selected an invalid SASL authentication mechanism {0:?}")]
+    UnsupportedMechanism(String),
+    #[error("channel binding is not supported by graywire without TLS")]
+    ChannelBinding,
+    #[error("SCRAM proof does not match")]
+    BadProof,
+    #[error("invalid SCRAM verifier: {0}")]
+    BadVerifier(&'static str),
+}
+
+/// What PostgreSQL stores for a SCRAM password: enough to check a proof, not the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramVerifier(<redacted>)")
+    }
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// PBKDF2-HMAC-SHA-256 with one output block ("Hi" in RFC 5802).
+fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut u = hmac(password, &[salt, &1u32.to_be_bytes()]);
+    let mut out = u;
+    for _ in 1..iterations {
+        u = hmac(password, &[&u]);
+        for (o, x) in out.iter_mut().zip(u.iter()) {
+            *o ^= x;
+        }
+    }
+    out
+}
+
+/// SASLprep the password like PostgreSQL and libpq do, falling back to the raw bytes.
+fn prepare(password: &str) -> Vec<u8> {
+    match stringprep::saslprep(password) {
+        Ok(p) => p.into_owned().into_bytes(),
+        Err(_) => password.as_bytes().to_vec(),
+    }
+}
+
+fn decode_key(s: &str) -> Result<[u8; 32], ScramError> {
+    let v = B64
+        .decode(s)
+        .map_err(|_| ScramError::BadVerifier("key is not base64"))?;
+    v.try_into()
+        .map_err(|_| ScramError::BadVerifier("key is not 32 bytes"))
+}
+
+impl ScramVerifier {
+    /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
+    pub fn parse(s: &str) -> Result<ScramVerifier, ScramError> {
+        let rest = s
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or(ScramError::BadVerifier(
+                "does not start with SCRAM-SHA-256$",
+            ))?;
+        let (iter_salt, keys) = rest
+            .split_once('$')
+            .ok_or(ScramError::BadVerifier("missing '$' before the keys"))?;
+        let (iter, salt) = iter_salt.split_once(':').ok_or(ScramError::BadVerifier(
+            "missing ':' after the iteration count",
+        ))?;
+        let (stored, server) = keys
+            .split_once(':')
+            .ok_or(ScramError::BadVerifier("missing ':' between the keys"))?;
+        let iterations: u32 = iter
+            .parse()
+            .map_err(|_| ScramError::BadVerifier("iteration count is not a number"))?;
+        if iterations == 0 {
+            return Err(ScramError::BadVerifier("iteration count is zero"));
+        }
+        let salt = B64
+            .decode(salt)
+            .map_err(|_| ScramError::BadVerifier("salt is not base64"))?;
+        Ok(ScramVerifier {
+            iterations,
+            salt,
+            stored_key: decode_key(stored)?,
+            server_key: decode_key(server)?,
+        })
+    }
+
+    /// A verifier for `password` with a fresh random salt and PostgreSQL's default 4096 rounds.
+    pub fn from_password(password: &str) -> ScramVerifier {
+        let mut salt = [0u8; 16];
+        rand::fill(&mut salt);
+        Self::with_salt(password, &salt, 4096)
+    }
+
+    fn with_salt(password: &str, salt: &[u8], iterations: u32) -> ScramVerifier {
+        let salted = salted_password(&prepare(password), salt, iterations);
+        ScramVerifier {
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: sha256(&hmac(&salted, &[b"Client Key"])),
+            server_key: hmac(&salted, &[b"Server Key"]),
+        }
+    }
+
+    /// Checks a cleartext password against the verifier (for the `password` method).
+    pub fn matches_password(&self, password: &str) -> bool {
+        let other = Self::with_salt(password, &self.salt, self.iterations);
+        constant_time_eq(&other.stored_key, &self.stored_key)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One SCRAM exchange, server side.
+pub struct ScramServer<'v> {
+    verifier: &'v ScramVerifier,
+    state: State,
+}
+
+enum State {
+    Initial,
+    SentServerFirst {
+        client_first_bare: String,
+        server_first: String,
+        nonce: String,
+        gs2_header: String,
+    },
+    Done,
+}
+
+impl<'v> ScramServer<'v> {
+    pub fn new(verifier: &'v ScramVerifier) -> Self {
+        ScramServer {
+            verifier,
+            state: State::Initial,
+        }
+    }
+
+    /// Takes SASLInitialResponse (mechanism and client-first-message); returns server-first.
+    pub fn client_first(&mut self, mechanism: &str, data: &[u8]) -> Result<Vec<u8>, ScramError> {
+        if mechanism != MECHANISM {
+            return Err(ScramError::UnsupportedMechanism(mechanism.to_owned()));
+        }
+        let msg = std::str::from_utf8(data).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        // gs2-header: cbind-flag "," [authzid] ","
+        let mut parts = msg.splitn(3, ',');
+        let cbind = parts.next().ok_or(ScramError::Malformed("no gs2 header"))?;
+        let authzid = parts.next().ok_or(ScramError::Malformed("no gs2 header"))?;
+        let bare = parts
+            .next()
+            .ok_or(ScramError::Malformed("no client-first-message-bare"))?;
+        match cbind {
+            "n" | "y" => {}
+            c if c.starts_with("p=") => return Err(ScramError::ChannelBinding),
+            _ => return Err(ScramError::Malformed("bad channel-binding flag")),
+        }
+        if !authzid.is_empty() && !authzid.starts_with("a=") {
+            return Err(ScramError::Malformed("bad authzid"));
+        }
+        let mut attrs = bare.split(',');
+        // PostgreSQL ignores the SCRAM user name: the startup packet's user counts.
+        let user = attrs.next().ok_or(ScramError::Malformed("no user"))?;
+        if !user.starts_with("n=") {
+            return Err(ScramError::Malformed("expected n= attribute"));
+        }
+        let client_nonce = attrs
+            .next()
+            .and_then(|r| r.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("expected r= attribute"))?;
+        if client_nonce.is_empty()
+            || !client_nonce
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
+            return Err(ScramError::Malformed("bad client nonce"));
+        }
+        let mut server_nonce = [0u8; NONCE_BYTES];
+        rand::fill(&mut server_nonce);
+        let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&self.verifier.salt),
+            self.verifier.iterations
+        );
+        self.state = State::SentServerFirst {
+            client_first_bare: bare.to_owned(),
+            server_first: server_first.clone(),
+            nonce,
+            gs2_header: format!("{cbind},{authzid},"),
+        };
+        Ok(server_first.into_bytes())
+    }
+
+    /// Takes SASLResponse (client-final-message); returns server-final on a correct proof.
+    pub fn client_final(&mut self, data: &[u8]) -> Result<Vec<u8>, ScramError> {
+        let State::SentServerFirst {
+            client_first_bare,
+            server_first,
+            nonce,
+            gs2_header,
+        } = std::mem::replace(&mut self.state, State::Done)
+        else {
+            return Err(ScramError::Malformed("unexpected SASL response"));
+        };
+        let msg = std::str::from_utf8(data).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("no proof"))?;
+        let mut attrs = without_proof.split(',');
+        let cbind = attrs
+            .next()
+            .and_then(|c| c.strip_prefix("c="))
+            .ok_or(ScramError::Malformed("expected c= attribute"))?;
+        if cbind != B64.encode(gs2_header.as_bytes()) {
+            return Err(ScramError::Malformed("channel binding data does not match"));
+        }
+        let r = attrs
+            .next()
+            .and_then(|r| r.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("expected r= attribute"))?;
+        if r != nonce {
+            return Err(ScramError::Malformed("nonce does not match"));
+        }
+        let proof: [u8; 32] = B64
+            .decode(proof)
+            .ok()
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ScramError::Malformed("proof is not 32 base64 bytes"))?;
+        let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+        let signature = hmac(&self.verifier.stored_key, &[auth_message.as_bytes()]);
+        let mut client_key = proof;
+        for (k, s) in client_key.iter_mut().zip(signature.iter()) {
+            *k ^= s;
+        }
+        if !constant_time_eq(&sha256(&client_key), &self.verifier.stored_key) {
+            return Err(ScramError::BadProof);
+        }
+        let server_signature = hmac(&self.verifier.server_key, &[auth_message.as_bytes()]);
+        Ok(format!("v={}", B64.encode(server_signature)).into_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    /// Runs a whole exchange against the rust-postgres client implementation.
+    fn exchange(stored: &ScramVerifier, client_password: &str) -> Result<(), ScramError> {
+        let mut client =
+            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let mut server = ScramServer::new(stored);
+        let server_first = server.client_first(MECHANISM, client.message())?;
+        client
+            .update(&server_first)
+            .map_err(|_| ScramError::Malformed("client refused server-first"))?;
+        let server_final = server.client_final(client.message())?;
+        client
+            .finish(&server_final)
+            .map_err(|_| ScramError::Malformed("client refused server signature"))
+    }
+
+    #[test]
+    fn a_real_client_authenticates_with_the_right_password_only() {
+        let v = ScramVerifier::from_password("s3cret");
+        assert_eq!(exchange(&v, "s3cret"), Ok(()));
+        assert_eq!(exchange(&v, "wrong"), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn verifiers_from_postgres_protocol_parse_and_match() {
+        let text = postgres_protocol::password::scram_sha_256(b"pw");
+        let v = ScramVerifier::parse(&text).expect("parse");
+        assert!(v.matches_password("pw"));
+        assert!(!v.matches_password("pW"));
+        assert_eq!(exchange(&v, "pw"), Ok(()));
+    }
+
+    #[test]
+    fn bad_verifiers_are_refused_with_a_reason() {
+        for bad in [
+            "md5abc",
+            "SCRAM-SHA-256$4096:c2FsdA==",
+            "SCRAM-SHA-256$x:c2FsdA==$a:b",
+            "SCRAM-SHA-256$0:c2FsdA==$a:b",
+            "SCRAM-SHA-256$4096:c2FsdA==$!!:b",
+            "SCRAM-SHA-256$4096:c2FsdA==$c2FsdA==:c2FsdA==",
+        ] {
+            assert!(ScramVerifier::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn malformed_client_messages_are_refused() {
+        let v = ScramVerifier::from_password("pw");
+        let mut s = ScramServer::new(&v);
+        assert!(matches!(
+            s.client_first("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc"),
+            Err(ScramError::UnsupportedMechanism(_))
+        ));
+        assert_eq!(
+            s.client_first(MECHANISM, b"p=tls-server-end-point,,n=,r=abc"),
+            Err(ScramError::ChannelBinding)
+        );
+        for bad in [
+            &b"x,,n=,r=abc"[..],
+            b"n,,r=abc",
+            b"n,,n=,x=abc",
+            b"n,",
+            b"\xff",
+        ] {
+            assert!(s.client_first(MECHANISM, bad).is_err());
+        }
+        let mut s = ScramServer::new(&v);
+        s.client_first(MECHANISM, b"n,,n=,r=abc").expect("first");
+        assert!(s.client_final(b"c=biws,r=wrongnonce,p=AAAA").is_err());
+        // The exchange is over after one final message, right or wrong.
+        assert!(s.client_final(b"c=biws,r=abc,p=AAAA").is_err());
+    }
+}

@@ -1,0 +1,341 @@
+//! What graywire believes about the nodes right now: an immutable snapshot behind an
+//! `ArcSwap`, replaced whole on every change. Transitions are pure functions of the previous
+//! status and one observation; publishing a snapshot wakes whoever waits for a change.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+
+/// A node's name from the config.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeName(Arc<str>);
+
+impl NodeName {
+    pub fn new(s: impl Into<Arc<str>>) -> Self {
+        NodeName(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Discovered with `pg_is_in_recovery()`, never taken from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Standby,
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+            Role::Unknown => "unknown",
+        }
+    }
+    pub const ALL: [Role; 3] = [Role::Primary, Role::Standby, Role::Unknown];
+}
+
+/// Set by health checks only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// No check has finished yet.
+    Pending,
+    Up,
+    Down,
+}
+
+/// What one health check saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    Ok { role: Role, version: String },
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub config: NodeConfig,
+    pub role: Role,
+    pub health: Health,
+    pub version: Option<String>,
+    pub last_error: Option<String>,
+    /// Consecutive successes (while down) or failures (while up).
+    pub streak: u32,
+    pub changed_at: Instant,
+}
+
+impl NodeStatus {
+    pub fn new(config: NodeConfig) -> Self {
+        NodeStatus {
+            config,
+            role: Role::Unknown,
+            health: Health::Pending,
+            version: None,
+            last_error: None,
+            streak: 0,
+            changed_at: Instant::now(),
+        }
+    }
+
+    pub fn name(&self) -> &NodeName {
+        &self.config.name
+    }
+
+    /// The node state of DESIGN.md's vocabulary (drain states come with the admin API).
+    pub fn state_str(&self) -> &'static str {
+        match self.health {
+            Health::Up => "up",
+            Health::Down | Health::Pending => "down",
+        }
+    }
+
+    /// The status after one observation, with `fall` failures needed to go down and `rise`
+    /// successes to come back. A node's first observation decides at once.
+    pub fn observe(&self, obs: &Observation, fall: u32, rise: u32, now: Instant) -> NodeStatus {
+        let mut next = self.clone();
+        match obs {
+            Observation::Ok { role, version } => {
+                next.version = Some(version.clone());
+                next.last_error = None;
+                match self.health {
+                    Health::Up => {
+                        next.streak = 0;
+                        next.role = *role;
+                    }
+                    Health::Pending => {
+                        next.health = Health::Up;
+                        next.role = *role;
+                        next.streak = 0;
+                    }
+                    Health::Down => {
+                        next.streak = self.streak + 1;
+                        if next.streak >= rise {
+                            next.health = Health::Up;
+                            next.role = *role;
+                            next.streak = 0;
+                        }
+                    }
+                }
+            }
+            Observation::Failed { reason } => {
+                next.last_error = Some(reason.clone());
+                match self.health {
+                    Health::Up => {
+                        next.streak = self.streak + 1;
+                        if next.streak >= fall {
+                            next.health = Health::Down;
+                            next.streak = 0;
+                        }
+                    }
+                    Health::Pending | Health::Down => {
+                        next.health = Health::Down;
+                        next.streak = 0;
+                    }
+                }
+            }
+        }
+        if next.health != self.health || next.role != self.role {
+            next.changed_at = now;
+        }
+        next
+    }
+
+    /// A connection to the node failed or died under a session: count it as a failed check.
+    pub fn passive_failure(&self, reason: &str, fall: u32, now: Instant) -> NodeStatus {
+        self.observe(
+            &Observation::Failed {
+                reason: reason.to_owned(),
+            },
+            fall,
+            u32::MAX,
+            now,
+        )
+    }
+
+    pub fn is_usable_primary(&self) -> bool {
+        self.health == Health::Up && self.role == Role::Primary
+    }
+}
+
+/// One consistent view of every node.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeStatus>,
+}
+
+impl Snapshot {
+    pub fn node(&self, name: &NodeName) -> Option<&NodeStatus> {
+        self.nodes.iter().find(|n| n.name() == name)
+    }
+
+    /// Nodes that are up and claim to be primary.
+    pub fn primaries(&self) -> impl Iterator<Item = &NodeStatus> {
+        self.nodes.iter().filter(|n| n.is_usable_primary())
+    }
+
+    /// True when more than one node is up and claims to be primary.
+    pub fn split_brain(&self) -> bool {
+        self.primaries().count() > 1
+    }
+}
+
+/// The shared, swappable topology.
+pub struct Topology {
+    current: ArcSwap<Snapshot>,
+    changed: watch::Sender<u64>,
+}
+
+impl Topology {
+    pub fn new(nodes: &[NodeConfig]) -> Self {
+        let snapshot = Snapshot {
+            nodes: nodes.iter().cloned().map(NodeStatus::new).collect(),
+        };
+        Topology {
+            current: ArcSwap::from_pointee(snapshot),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Applies `f` to one node's status; publishes (and wakes waiters) only if it changed
+    /// something a router cares about. Returns the old and new status.
+    pub fn update(
+        &self,
+        name: &NodeName,
+        f: impl Fn(&NodeStatus) -> NodeStatus,
+    ) -> Option<(NodeStatus, NodeStatus)> {
+        let mut result = None;
+        self.current.rcu(|snap| {
+            let mut next = Snapshot::clone(snap);
+            result = None;
+            if let Some(slot) = next.nodes.iter_mut().find(|n| n.name() == name) {
+                let new = f(slot);
+                result = Some((slot.clone(), new.clone()));
+                *slot = new;
+            }
+            next
+        });
+        if let Some((old, new)) = &result {
+            if old.health != new.health || old.role != new.role {
+                self.changed.send_modify(|g| *g += 1);
+            }
+        }
+        result
+    }
+
+    /// A receiver that sees every published change of health or role.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeStatus {
+        NodeStatus::new(NodeConfig {
+            name: NodeName::new("pg1"),
+            host: "127.0.0.1".into(),
+            port: 5432,
+        })
+    }
+
+    fn ok(role: Role) -> Observation {
+        Observation::Ok {
+            role,
+            version: "15".into(),
+        }
+    }
+
+    fn fail() -> Observation {
+        Observation::Failed {
+            reason: "refused".into(),
+        }
+    }
+
+    #[test]
+    fn fall_and_rise_count_consecutive_observations() {
+        let t = Instant::now();
+        let (fall, rise) = (3, 2);
+        let mut n = node().observe(&ok(Role::Primary), fall, rise, t);
+        assert_eq!((n.health, n.role), (Health::Up, Role::Primary));
+        n = n.observe(&fail(), fall, rise, t);
+        n = n.observe(&fail(), fall, rise, t);
+        assert_eq!(n.health, Health::Up, "two failures of three");
+        n = n.observe(&ok(Role::Primary), fall, rise, t);
+        n = n.observe(&fail(), fall, rise, t);
+        n = n.observe(&fail(), fall, rise, t);
+        assert_eq!(n.health, Health::Up, "a success resets the count");
+        n = n.observe(&fail(), fall, rise, t);
+        assert_eq!(n.health, Health::Down);
+        n = n.observe(&ok(Role::Standby), fall, rise, t);
+        assert_eq!(n.health, Health::Down, "one success of two");
+        assert_eq!(
+            n.role,
+            Role::Primary,
+            "role is not taken from a node still down"
+        );
+        n = n.observe(&ok(Role::Standby), fall, rise, t);
+        assert_eq!((n.health, n.role), (Health::Up, Role::Standby));
+    }
+
+    #[test]
+    fn first_observation_decides_at_once() {
+        let t = Instant::now();
+        assert_eq!(node().observe(&fail(), 3, 2, t).health, Health::Down);
+        assert_eq!(
+            node().observe(&ok(Role::Standby), 3, 2, t).health,
+            Health::Up
+        );
+    }
+
+    #[test]
+    fn split_brain_is_two_usable_primaries() {
+        let t = Instant::now();
+        let mut a = node().observe(&ok(Role::Primary), 3, 2, t);
+        let mut b = a.clone();
+        b.config.name = NodeName::new("pg2");
+        let snap = Snapshot {
+            nodes: vec![a.clone(), b.clone()],
+        };
+        assert!(snap.split_brain());
+        a = a.passive_failure("gone", 1, t);
+        let snap = Snapshot { nodes: vec![a, b] };
+        assert!(!snap.split_brain());
+        assert_eq!(snap.primaries().count(), 1);
+    }
+
+    #[test]
+    fn updates_publish_changes() {
+        let topo = Topology::new(&[node().config]);
+        let mut rx = topo.subscribe();
+        let name = NodeName::new("pg1");
+        topo.update(&name, |n| {
+            n.observe(&ok(Role::Primary), 3, 2, Instant::now())
+        });
+        assert!(rx.has_changed().expect("open"));
+        rx.mark_unchanged();
+        // Same health and role again: no wake-up.
+        topo.update(&name, |n| {
+            n.observe(&ok(Role::Primary), 3, 2, Instant::now())
+        });
+        assert!(!rx.has_changed().expect("open"));
+        assert!(topo.load().node(&name).expect("node").is_usable_primary());
+    }
+}

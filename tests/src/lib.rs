@@ -1,0 +1,271 @@
+//! The end-to-end test fixture: a real PostgreSQL cluster ([`graywire::localcluster`]),
+//! graywire running in-process in front of it on port 0, and a small raw-protocol client for
+//! what drivers hide (transaction status, ParameterStatus, malformed messages).
+//! See `tests/README.md`.
+#![allow(clippy::unwrap_used)]
+
+pub mod raw;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use graywire::config::Config;
+use graywire::localcluster::{ClusterSpec, LocalCluster};
+use graywire::Proxy;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+pub use graywire::localcluster::StopMode;
+
+/// Users every harness config defines: (name, auth method, password).
+pub const USERS: &[(&str, &str, &str)] = &[
+    ("app", "scram-sha-256", "app-pw"),
+    ("md5user", "md5", "md5-pw"),
+    ("plainuser", "password", "plain-pw"),
+    ("trusted", "trust", ""),
+];
+
+/// Starts a real cluster of `nodes` nodes (node 0 primary) off the async runtime's threads.
+pub async fn start_cluster(nodes: usize) -> LocalCluster {
+    tokio::task::spawn_blocking(move || {
+        let spec = ClusterSpec::new(nodes).expect("PostgreSQL binaries");
+        LocalCluster::start(spec).expect("cluster starts")
+    })
+    .await
+    .expect("cluster task")
+}
+
+/// Runs a blocking cluster operation (stop, kill, promote, …) off the runtime's threads.
+pub async fn cluster_op<T: Send + 'static>(
+    cluster: &Arc<std::sync::Mutex<LocalCluster>>,
+    f: impl FnOnce(&mut LocalCluster) -> T + Send + 'static,
+) -> T {
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || f(&mut c.lock().unwrap()))
+        .await
+        .unwrap()
+}
+
+/// Options for the generated graywire config.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Node indexes in the order they are listed in the config.
+    pub node_order: Option<Vec<usize>>,
+    /// Extra TOML lines appended to the `[listener]` table.
+    pub listener_extra: String,
+    /// Extra TOML appended at the end (new tables).
+    pub extra: String,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            node_order: None,
+            listener_extra: String::new(),
+            extra: "[shutdown]\ntimeout = \"3s\"\n".into(),
+        }
+    }
+}
+
+/// The config text for a cluster, with [`USERS`] and loopback listeners on port 0.
+pub fn config_for(cluster: &LocalCluster, opts: &ProxyOptions) -> String {
+    let mut t = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n{}\n\n[backend]\nuser = \"{}\"\npassword = \"{}\"\n\n",
+        opts.listener_extra,
+        cluster.superuser(),
+        cluster.password()
+    );
+    for (name, auth, pw) in USERS {
+        let _ = write!(t, "[[users]]\nname = \"{name}\"\nauth = \"{auth}\"\n");
+        if !pw.is_empty() {
+            let _ = writeln!(t, "password = \"{pw}\"");
+        }
+        t.push('\n');
+    }
+    let order: Vec<usize> = opts
+        .node_order
+        .clone()
+        .unwrap_or_else(|| (0..cluster.len()).collect());
+    for i in order {
+        let _ = write!(
+            t,
+            "[[nodes]]\nname = \"pg{i}\"\nhost = \"{}\"\nport = {}\n\n",
+            cluster.host(),
+            cluster.port(i)
+        );
+    }
+    t.push_str(&opts.extra);
+    t
+}
+
+/// graywire running in-process in front of a cluster.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    pub stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// Starts graywire with `config_text` and waits until every node was checked once.
+    pub async fn start(config_text: &str) -> RunningProxy {
+        let config = Config::from_toml(config_text).expect("valid test config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let proxy = Arc::new(Proxy::new(config));
+        let stop = CancellationToken::new();
+        let task = {
+            let (proxy, stop) = (proxy.clone(), stop.clone());
+            tokio::spawn(async move { proxy.run(listener, Some(admin), stop).await })
+        };
+        assert!(
+            proxy.wait_for_first_checks(Duration::from_secs(10)).await,
+            "health checks did not finish"
+        );
+        RunningProxy {
+            addr,
+            admin: admin_addr,
+            proxy,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Starts graywire in front of `cluster` with the default options.
+    pub async fn in_front_of(cluster: &LocalCluster) -> RunningProxy {
+        Self::start(&config_for(cluster, &ProxyOptions::default())).await
+    }
+
+    /// A key=value DSN for a [`USERS`] entry.
+    pub fn dsn(&self, user: &str) -> String {
+        let pw = USERS
+            .iter()
+            .find(|(n, _, _)| *n == user)
+            .map(|(_, _, p)| *p)
+            .unwrap_or("");
+        format!(
+            "host={} port={} user={user} password='{pw}' dbname=postgres connect_timeout=10",
+            self.addr.ip(),
+            self.addr.port()
+        )
+    }
+
+    /// A postgres:// URL for psql.
+    pub fn url(&self, user: &str) -> String {
+        let pw = USERS
+            .iter()
+            .find(|(n, _, _)| *n == user)
+            .map(|(_, _, p)| *p)
+            .unwrap_or("");
+        format!("postgres://{user}:{pw}@{}/postgres", self.addr)
+    }
+
+    /// Connects with tokio-postgres as `user`.
+    pub async fn connect(&self, user: &str) -> tokio_postgres::Client {
+        connect(&self.dsn(user)).await
+    }
+
+    /// GET on the admin API; returns (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_request(self.admin, "GET", path).await
+    }
+
+    /// Stops graywire (graceful shutdown) and waits for it.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("graywire stops in time")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Connects with tokio-postgres and drives the connection in a task.
+pub async fn connect(dsn: &str) -> tokio_postgres::Client {
+    try_connect(dsn)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e:?}"))
+}
+
+pub async fn try_connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Connects expecting a refusal; returns the error (panics if the connection succeeds).
+pub async fn connect_refused(dsn: &str) -> tokio_postgres::Error {
+    match try_connect(dsn).await {
+        Ok(_) => panic!("connection to {dsn} should have been refused"),
+        Err(e) => e,
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection (the tests' admin client).
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("admin answers")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs psql with `args` against `url`; returns (success, stdout, stderr).
+pub async fn psql(url: &str, args: &[&str]) -> (bool, String, String) {
+    let bindir = graywire::localcluster::PgBinaries::locate().expect("PostgreSQL binaries");
+    let out = tokio::process::Command::new(bindir.program("psql"))
+        .arg(url)
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-At"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("psql finishes")
+        .expect("psql runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

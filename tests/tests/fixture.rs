@@ -1,0 +1,315 @@
+//! Tests of the local-cluster fixture itself: replication, failover, restarts, and that nothing
+//! — no process, no directory — outlives a cluster, even one dropped by a panic.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use graywire::localcluster::{
+    process_alive, ClusterSpec, LocalCluster, LocalClusterError, PgBinaries, StopMode,
+};
+use tokio::task::block_in_place;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+/// Bound on every wait for replicated data.
+const REPLICATION_WAIT: Duration = Duration::from_secs(30);
+
+async fn start(nodes: usize) -> anyhow::Result<LocalCluster> {
+    let spec = ClusterSpec::new(nodes)?;
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(spec)).await??;
+    eprintln!("{nodes}-node cluster started in {:?}", started.elapsed());
+    Ok(cluster)
+}
+
+async fn connect(dsn: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The first column of the first row of `sql` on `dsn`, as text.
+async fn scalar(dsn: &str, sql: &str) -> anyhow::Result<Option<String>> {
+    let client = connect(dsn).await?;
+    for message in client.simple_query(sql).await? {
+        if let SimpleQueryMessage::Row(row) = message {
+            return Ok(row.get(0).map(str::to_owned));
+        }
+    }
+    Ok(None)
+}
+
+/// Polls `sql` on `dsn` until it returns `want`, for at most [`REPLICATION_WAIT`].
+async fn wait_for(dsn: &str, sql: &str, want: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + REPLICATION_WAIT;
+    loop {
+        let last = scalar(dsn, sql).await;
+        match &last {
+            Ok(Some(got)) if got == want => return Ok(()),
+            _ if Instant::now() >= deadline => {
+                bail!("{sql:?} on {dsn} never returned {want:?}; last: {last:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn in_recovery(cluster: &LocalCluster, i: usize) -> anyhow::Result<bool> {
+    let answer = scalar(&cluster.dsn(i), "SELECT pg_is_in_recovery()").await?;
+    Ok(answer.as_deref() == Some("t"))
+}
+
+/// Drops the cluster and returns what must have disappeared with it.
+fn teardown(cluster: LocalCluster) -> (PathBuf, Vec<u32>) {
+    let dir = cluster.dir().to_path_buf();
+    let pids: Vec<u32> = (0..cluster.len()).filter_map(|i| cluster.pid(i)).collect();
+    drop(cluster);
+    (dir, pids)
+}
+
+fn assert_nothing_left(dir: &std::path::Path, pids: &[u32]) {
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    for pid in pids {
+        // process_alive is kill(pid, 0) != ESRCH, not counting zombies.
+        assert!(!process_alive(*pid), "postmaster {pid} is still alive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_leave_nothing_behind() -> anyhow::Result<()> {
+    let cluster = start(3).await?;
+    assert_eq!(cluster.len(), 3);
+    assert!(
+        !in_recovery(&cluster, 0).await?,
+        "node 0 should be the primary"
+    );
+    for i in 1..3 {
+        assert!(
+            in_recovery(&cluster, i).await?,
+            "node {i} should be a standby"
+        );
+        assert!(cluster.is_running(i));
+        assert_ne!(cluster.port(i), cluster.port(0));
+    }
+
+    let primary = connect(&cluster.dsn(0)).await?;
+    primary
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'one')",
+        )
+        .await?;
+    for i in 1..3 {
+        wait_for(&cluster.dsn(i), "SELECT v FROM t WHERE id = 1", "one")
+            .await
+            .with_context(|| cluster.log_tail(i))?;
+    }
+    drop(primary);
+
+    assert_eq!(cluster.pid(0).map(process_alive), Some(true));
+    let (dir, pids) = block_in_place(|| teardown(cluster));
+    assert_eq!(pids.len(), 3);
+    assert_nothing_left(&dir, &pids);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_promote_and_repoint_keep_replication_going() -> anyhow::Result<()> {
+    let mut cluster = start(3).await?;
+    let old_primary = cluster.pid(0).context("node 0 runs")?;
+
+    block_in_place(|| cluster.kill9(0))?;
+    assert!(!cluster.is_running(0));
+    assert_eq!(cluster.pid(0), None);
+    assert!(!process_alive(old_primary));
+
+    block_in_place(|| cluster.promote(1))?;
+    assert!(
+        !in_recovery(&cluster, 1).await?,
+        "node 1 should be promoted"
+    );
+    block_in_place(|| cluster.repoint(2, 1))?;
+    assert!(in_recovery(&cluster, 2).await?);
+
+    connect(&cluster.dsn(1))
+        .await?
+        .batch_execute(
+            "CREATE TABLE after_failover (v text); INSERT INTO after_failover VALUES ('two')",
+        )
+        .await?;
+    wait_for(&cluster.dsn(2), "SELECT v FROM after_failover", "two")
+        .await
+        .with_context(|| cluster.log_tail(2))?;
+    let sender = scalar(
+        &cluster.dsn(2),
+        "SELECT sender_port FROM pg_stat_wal_receiver",
+    )
+    .await?;
+    assert_eq!(sender, Some(cluster.port(1).to_string()));
+
+    let (dir, pids) = block_in_place(|| teardown(cluster));
+    assert_nothing_left(&dir, &pids);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_restart_in_every_mode_on_the_same_port() -> anyhow::Result<()> {
+    let mut cluster = start(2).await?;
+    let ports = (cluster.port(0), cluster.port(1));
+    connect(&cluster.dsn(0))
+        .await?
+        .batch_execute("CREATE TABLE r (n int)")
+        .await?;
+
+    for (n, mode) in [StopMode::Smart, StopMode::Fast, StopMode::Immediate]
+        .into_iter()
+        .enumerate()
+    {
+        for i in [1, 0] {
+            let before = cluster.pid(i);
+            block_in_place(|| cluster.restart(i, mode))?;
+            assert!(cluster.is_running(i));
+            assert_ne!(cluster.pid(i), before, "{mode:?} restart of node {i}");
+        }
+        assert_eq!((cluster.port(0), cluster.port(1)), ports);
+        connect(&cluster.dsn(0))
+            .await?
+            .execute("INSERT INTO r VALUES ($1)", &[&i32::try_from(n)?])
+            .await?;
+        wait_for(
+            &cluster.dsn(1),
+            "SELECT count(*) FROM r",
+            &(n + 1).to_string(),
+        )
+        .await?;
+    }
+
+    // A crashed primary comes back on its port after crash recovery.
+    block_in_place(|| cluster.kill9(0))?;
+    assert!(matches!(
+        block_in_place(|| cluster.stop(0, StopMode::Fast)),
+        Err(LocalClusterError::NotRunning(0))
+    ));
+    block_in_place(|| cluster.start_node(0))?;
+    assert_eq!(cluster.port(0), ports.0);
+    assert!(!in_recovery(&cluster, 0).await?);
+    connect(&cluster.dsn(0))
+        .await?
+        .execute("INSERT INTO r VALUES (99)", &[])
+        .await?;
+    wait_for(&cluster.dsn(1), "SELECT max(n) FROM r", "99").await?;
+
+    // TCP connections need the password.
+    let wrong = format!(
+        "host={} port={} user={} password=wrong dbname=postgres",
+        cluster.host(),
+        cluster.port(0),
+        cluster.superuser()
+    );
+    let err = connect(&wrong)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(
+        format!("{err:?}").contains("password authentication failed"),
+        "{err:?}"
+    );
+
+    let (dir, pids) = block_in_place(|| teardown(cluster));
+    assert_nothing_left(&dir, &pids);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_owner_still_cleans_up() -> anyhow::Result<()> {
+    let spec = ClusterSpec::new(1)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owner = std::thread::spawn(move || {
+        let cluster = LocalCluster::start(spec).unwrap();
+        tx.send((cluster.dir().to_path_buf(), cluster.pid(0).unwrap()))
+            .unwrap();
+        panic!("test owner panics while holding the cluster");
+    });
+    let joined = block_in_place(|| owner.join());
+    assert!(joined.is_err(), "the owner thread panicked");
+    let (dir, pid) = rx.recv()?;
+    assert_nothing_left(&dir, &[pid]);
+    Ok(())
+}
+
+#[test]
+fn missing_binaries_name_the_package_to_install() {
+    let err = PgBinaries::at("/nonexistent/postgresql/bin").expect_err("nothing there");
+    let text = err.to_string();
+    assert!(text.contains("apt-get install -y postgresql-15"), "{text}");
+    assert!(text.contains("/nonexistent/postgresql/bin"), "{text}");
+}
+
+#[test]
+fn located_binaries_report_their_version() {
+    let binaries = PgBinaries::locate().unwrap();
+    let version = binaries.version().unwrap();
+    assert!(
+        version.starts_with(|c: char| c.is_ascii_digit()),
+        "{version}"
+    );
+}
+
+#[test]
+fn invalid_specs_are_refused_before_anything_starts() {
+    let mut spec = ClusterSpec::new(0).unwrap();
+    assert!(matches!(
+        LocalCluster::start(spec.clone()),
+        Err(LocalClusterError::InvalidSpec(_))
+    ));
+    spec.nodes = 1;
+    spec.superuser_password = "two\nlines".to_owned();
+    assert!(matches!(
+        LocalCluster::start(spec),
+        Err(LocalClusterError::InvalidSpec(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_fails_the_start_with_the_log_tail() -> anyhow::Result<()> {
+    let mut cluster = start(1).await?;
+    block_in_place(|| cluster.stop(0, StopMode::Fast))?;
+    let squatter = std::net::TcpListener::bind((cluster.host(), cluster.port(0)))?;
+    let err = block_in_place(|| cluster.start_node(0)).expect_err("port is taken");
+    let text = err.to_string();
+    assert!(
+        matches!(err, LocalClusterError::NodeExited { node: 0, .. }),
+        "{text}"
+    );
+    assert!(text.contains("could not bind"), "{text}");
+    assert!(!cluster.is_running(0));
+
+    drop(squatter);
+    block_in_place(|| cluster.start_node(0))?;
+    assert_eq!(
+        scalar(&cluster.dsn(0), "SELECT 1").await?,
+        Some("1".to_owned())
+    );
+    Ok(())
+}
+
+#[test]
+fn a_base_dir_postgres_cannot_enter_is_refused_when_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let private = std::env::temp_dir().join(format!("graywire-private-{}", std::process::id()));
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut spec = ClusterSpec::new(1).unwrap();
+    spec.base_dir = Some(private.clone());
+    let result = LocalCluster::start(spec);
+    if root {
+        // PostgreSQL runs as the `postgres` OS user, which cannot enter a root-only directory.
+        let err = result.expect_err("postgres cannot enter a 0700 root directory");
+        assert!(err.to_string().contains("cannot enter"), "{err}");
+    } else {
+        // Non-root, PostgreSQL runs as us, and we own the directory.
+        let cluster = result.unwrap();
+        assert!(cluster.dir().starts_with(&private));
+    }
+    std::fs::remove_dir_all(&private).unwrap();
+}
