@@ -76,9 +76,13 @@ fn apply(topology: &Topology, node: &NodeName, f: impl Fn(&NodeStatus) -> NodeSt
         }
     }
     if old.role != new.role {
+        // One log line per change: a node coming up already named its role above.
+        let logged = old.health != new.health && new.health == Health::Up;
         metrics::counter!(m::NODE_TRANSITIONS_TOTAL, "node" => node.to_string(), "to" => new.role.as_str())
             .increment(1);
-        info!(node = %node, from = old.role.as_str(), to = new.role.as_str(), "node changed role");
+        if !logged {
+            info!(node = %node, from = old.role.as_str(), to = new.role.as_str(), "node changed role");
+        }
     }
     let snapshot = topology.load();
     let split = snapshot.split_brain();
