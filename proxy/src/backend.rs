@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +16,7 @@ use crate::cancel::CancelTarget;
 use crate::config::{Credentials, NodeConfig};
 use crate::error::BackendError;
 use crate::protocol::message::TxStatus;
+use crate::protocol::scram::{ClientKeyCache, ScramClient};
 use crate::protocol::startup::CancelKey;
 use crate::topology::NodeName;
 
@@ -74,15 +75,17 @@ pub fn startup_params<'a>(
     out
 }
 
-/// Connects and authenticates, bounded by `timeout` as a whole.
+/// Connects and authenticates, bounded by `timeout` as a whole. SCRAM keys derived from
+/// graywire's password are kept in `keys` for the next connection.
 pub async fn connect(
     node: &NodeConfig,
     creds: &Credentials,
     client_params: &[(String, String)],
     timeout: Duration,
+    keys: &ClientKeyCache,
 ) -> Result<BackendConn, BackendError> {
     let name = node.name.clone();
-    match tokio::time::timeout(timeout, connect_inner(node, creds, client_params)).await {
+    match tokio::time::timeout(timeout, connect_inner(node, creds, client_params, keys)).await {
         Ok(r) => r,
         Err(_) => Err(BackendError::Timeout {
             node: name,
@@ -95,6 +98,7 @@ async fn connect_inner(
     node: &NodeConfig,
     creds: &Credentials,
     client_params: &[(String, String)],
+    keys: &ClientKeyCache,
 ) -> Result<BackendConn, BackendError> {
     let name = node.name.clone();
     let io_err = |source: std::io::Error| BackendError::Connect {
@@ -115,12 +119,12 @@ async fn connect_inner(
         .map_err(|e| proto(format!("cannot encode startup message: {e}")))?;
     stream.write_all(&out).await.map_err(io_err)?;
 
-    let password = creds.password.as_ref().map(|p| p.expose().as_bytes());
+    let password = creds.password.as_ref().map(|p| p.expose());
     let mut buf = BytesMut::with_capacity(8192);
     let mut greeting = BytesMut::new();
     let mut parameters = Vec::new();
     let mut key = None;
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     loop {
         let frame = read_frame(&mut stream, &mut buf).await.map_err(io_err)?;
         let raw = frame.clone();
@@ -132,20 +136,21 @@ async fn connect_inner(
             Message::AuthenticationOk => {}
             Message::AuthenticationCleartextPassword => {
                 let pw = password.ok_or_else(|| missing_password(node))?;
-                frontend::password_message(pw, &mut reply).map_err(|e| proto(e.to_string()))?;
+                frontend::password_message(pw.as_bytes(), &mut reply)
+                    .map_err(|e| proto(e.to_string()))?;
             }
             Message::AuthenticationMd5Password(body) => {
                 let pw = password.ok_or_else(|| missing_password(node))?;
                 let hash = postgres_protocol::authentication::md5_hash(
                     creds.user.as_bytes(),
-                    pw,
+                    pw.as_bytes(),
                     body.salt(),
                 );
                 frontend::password_message(hash.as_bytes(), &mut reply)
                     .map_err(|e| proto(e.to_string()))?;
             }
             Message::AuthenticationSasl(body) => {
-                let pw = password.ok_or_else(|| missing_password(node))?;
+                password.ok_or_else(|| missing_password(node))?;
                 let mut mechanisms = body.mechanisms();
                 let mut found = false;
                 while let Some(m) = mechanisms.next().map_err(|e| proto(e.to_string()))? {
@@ -157,8 +162,8 @@ async fn connect_inner(
                         method: "a SASL mechanism other than SCRAM-SHA-256".into(),
                     });
                 }
-                let s = ScramSha256::new(pw, ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut reply)
+                let s = ScramClient::new();
+                frontend::sasl_initial_response(SCRAM_SHA_256, &s.client_first(), &mut reply)
                     .map_err(|e| proto(e.to_string()))?;
                 scram = Some(s);
             }
@@ -166,16 +171,18 @@ async fn connect_inner(
                 let s = scram
                     .as_mut()
                     .ok_or_else(|| proto("SASL continue without SASL".into()))?;
-                s.update(body.data())
+                let pw = password.ok_or_else(|| missing_password(node))?;
+                let client_final = s
+                    .server_first(body.data(), pw, keys)
                     .map_err(|e| proto(format!("SCRAM: {e}")))?;
-                frontend::sasl_response(s.message(), &mut reply)
+                frontend::sasl_response(&client_final, &mut reply)
                     .map_err(|e| proto(e.to_string()))?;
             }
             Message::AuthenticationSaslFinal(body) => {
                 let s = scram
                     .as_mut()
                     .ok_or_else(|| proto("SASL final without SASL".into()))?;
-                s.finish(body.data())
+                s.server_final(body.data())
                     .map_err(|e| proto(format!("SCRAM server signature: {e}")))?;
             }
             Message::ParameterStatus(body) => {

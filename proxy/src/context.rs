@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
+use crate::protocol::scram::ClientKeyCache;
 use crate::shutdown::Shutdown;
 use crate::topology::Topology;
 
@@ -16,6 +17,8 @@ pub struct Context {
     pub topology: Topology,
     pub cancels: Arc<CancelRegistry>,
     pub shutdown: Shutdown,
+    /// SCRAM keys for logging in to nodes, derived once per password and salt.
+    pub scram_keys: ClientKeyCache,
     sessions: AtomicUsize,
 }
 
@@ -26,6 +29,7 @@ impl Context {
             config: ArcSwap::from_pointee(config),
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: Shutdown::default(),
+            scram_keys: ClientKeyCache::default(),
             sessions: AtomicUsize::new(0),
         }
     }

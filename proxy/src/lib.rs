@@ -101,6 +101,9 @@ impl Proxy {
             .cloned()
             .map(|n| health::spawn(ctx.clone(), n))
             .collect();
+        if let Some(h) = &metrics_handle {
+            tokio::spawn(metrics::upkeep(h.clone(), ctx.shutdown.hard.clone()));
+        }
         if let Some(admin) = admin {
             let server = Arc::new(admin::Admin {
                 ctx: ctx.clone(),

@@ -115,6 +115,21 @@ pub fn register_zeroes() {
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Histogram samples wait in the recorder until upkeep folds them in; without a scrape they
+/// would pile up, so upkeep runs on this period regardless.
+pub const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the recorder's upkeep every [`UPKEEP_PERIOD`] until `stop` is cancelled.
+pub async fn upkeep(handle: PrometheusHandle, stop: tokio_util::sync::CancellationToken) {
+    let mut ticks = tokio::time::interval(UPKEEP_PERIOD);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Installs the process-wide Prometheus recorder (once) and returns the handle that renders
 /// `/metrics`. `None` if another recorder was installed first.
 pub fn install() -> Option<PrometheusHandle> {

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_graywire");
 
 fn reference_config() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/graywire.toml"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/graywire.toml"
+    ))
 }
 
 #[test]
@@ -20,7 +23,11 @@ fn check_config_accepts_the_reference_and_names_the_bad_key() {
         .arg(reference_config())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 
     let dir = tempfile::tempdir().unwrap();
@@ -30,14 +37,25 @@ fn check_config_accepts_the_reference_and_names_the_bad_key() {
         .replacen("port = 5432", "port = 70000", 1)
         .replacen("interval = \"250ms\"", "interval = \"soon\"", 1);
     std::fs::write(&bad, text).unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nodes[0].port: 70000 is not a port"), "{err}");
-    assert!(err.contains("health.interval: \"soon\" is not a duration"), "{err}");
+    assert!(
+        err.contains("health.interval: \"soon\" is not a duration"),
+        "{err}"
+    );
 
     // `run` refuses the same file before it binds anything.
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
 
     let out = Command::new(BIN)
@@ -65,7 +83,9 @@ fn demo_without_postgresql_names_the_package_to_install() {
 fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
             if String::from_utf8_lossy(&cmd).contains(needle) {
                 found.push(pid);
@@ -82,7 +102,11 @@ fn psql(url: &str, sql: &str) -> String {
         .env("PGCONNECT_TIMEOUT", "10")
         .output()
         .unwrap();
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -126,30 +150,52 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
     let (url, dir) = (url.unwrap(), dir.unwrap());
     assert!(admin.unwrap().ends_with("/v1/nodes"));
     roles.sort();
-    assert_eq!(roles, vec!["primary", "standby", "standby"], "the node table shows discovered roles");
+    assert_eq!(
+        roles,
+        vec!["primary", "standby", "standby"],
+        "the node table shows discovered roles"
+    );
     assert!(!processes_mentioning(&dir).is_empty(), "the cluster runs");
 
     assert_eq!(psql(&url, "SELECT 1"), "1");
-    psql(&url, "CREATE TABLE demo_check (id int PRIMARY KEY, note text)");
-    psql(&url, "INSERT INTO demo_check VALUES (1, 'through graywire'), (2, 'still here')");
+    psql(
+        &url,
+        "CREATE TABLE demo_check (id int PRIMARY KEY, note text)",
+    );
+    psql(
+        &url,
+        "INSERT INTO demo_check VALUES (1, 'through graywire'), (2, 'still here')",
+    );
     assert_eq!(
-        psql(&url, "SELECT string_agg(note, '|' ORDER BY id) FROM demo_check"),
+        psql(
+            &url,
+            "SELECT string_agg(note, '|' ORDER BY id) FROM demo_check"
+        ),
         "through graywire|still here"
     );
 
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "demo exits after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "demo exits after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     std::mem::forget(guard);
     assert!(status.success(), "demo exit status {status:?}");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} removed");
-    assert!(processes_mentioning(&dir).is_empty(), "no PostgreSQL process of the demo is left");
+    assert!(
+        processes_mentioning(&dir).is_empty(),
+        "no PostgreSQL process of the demo is left"
+    );
 }
 
 /// Kills the demo if the test fails half-way (its own Drop then stops the cluster).
@@ -157,6 +203,8 @@ struct KillOnDrop(u32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.to_string()])
+            .status();
     }
 }

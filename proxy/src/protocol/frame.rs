@@ -298,4 +298,85 @@ mod tests {
         assert_eq!(read_cstr(b"ab\0cd"), Some(("ab", &b"cd"[..])));
         assert_eq!(read_cstr(b"ab"), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A valid client stream, a read size, and how many Sync/Terminate messages it holds.
+        fn arb_stream() -> impl Strategy<Value = (Vec<u8>, usize, usize)> {
+            let tags =
+                prop::sample::select(vec![b'Q', b'P', b'B', b'E', b'D', b'C', b'S', b'd', b'X']);
+            let msgs =
+                prop::collection::vec((tags, prop::collection::vec(any::<u8>(), 0..300)), 0..20);
+            (msgs, 1usize..600).prop_map(|(msgs, chunk)| {
+                let mut stream = Vec::new();
+                let mut fixed = 0;
+                for (tag, body) in msgs {
+                    let body = if matches!(tag, b'S' | b'X') {
+                        fixed += 1;
+                        Vec::new()
+                    } else {
+                        body
+                    };
+                    stream.extend(msg(tag, &body));
+                }
+                (stream, chunk, fixed)
+            })
+        }
+
+        proptest! {
+            /// Any valid stream, cut into reads of any size, is forwarded byte for byte and
+            /// every inspected message is seen once, whole.
+            #[test]
+            fn valid_streams_pass_whole((stream, chunk, fixed) in arb_stream()) {
+                let mut framer = Framer::default();
+                let mut pending = Vec::new();
+                let mut forwarded = Vec::new();
+                let mut inspected = 0usize;
+                for piece in stream.chunks(chunk) {
+                    pending.extend_from_slice(piece);
+                    let s = framer.scan(
+                        &pending,
+                        |tag, len| {
+                            check_frontend_header(tag, len, 1 << 20)?;
+                            Ok(if tag == b'X' || tag == b'S' { Handling::Inspect } else { Handling::Stream })
+                        },
+                        |tag, m| {
+                            assert!(tag == b'S' || tag == b'X');
+                            assert_eq!(m.len(), 5, "inspected messages are seen whole");
+                            inspected += 1;
+                            Ok::<_, FrameError>(Flow::Forward)
+                        },
+                    ).expect("valid stream");
+                    forwarded.extend_from_slice(&pending[..s.forward]);
+                    pending.drain(..s.forward);
+                }
+                prop_assert!(pending.is_empty());
+                prop_assert_eq!(forwarded, stream);
+                prop_assert_eq!(inspected, fixed);
+            }
+
+            /// Arbitrary bytes never panic the framer and never make it forward more than it got.
+            #[test]
+            fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2000), chunk in 1usize..300) {
+                let mut framer = Framer::default();
+                let mut pending = Vec::new();
+                for piece in bytes.chunks(chunk) {
+                    pending.extend_from_slice(piece);
+                    match framer.scan(
+                        &pending,
+                        |tag, len| check_frontend_header(tag, len, 4096).map(|_| Handling::Stream),
+                        |_, _| Ok(Flow::Forward),
+                    ) {
+                        Ok(s) => {
+                            prop_assert!(s.forward <= pending.len());
+                            pending.drain(..s.forward);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
 }

@@ -274,6 +274,158 @@ impl<'v> ScramServer<'v> {
     }
 }
 
+/// The keys derived from a password, a salt and an iteration count: the expensive part of
+/// SCRAM (PBKDF2), which graywire computes once per node role and reuses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientKeys {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl ClientKeys {
+    pub fn derive(password: &str, salt: &[u8], iterations: u32) -> ClientKeys {
+        let salted = salted_password(&prepare(password), salt, iterations);
+        ClientKeys {
+            client_key: hmac(&salted, &[b"Client Key"]),
+            server_key: hmac(&salted, &[b"Server Key"]),
+        }
+    }
+}
+
+/// Remembers [`ClientKeys`] by (password digest, salt, iterations), so a new backend
+/// connection costs a few HMACs instead of 4096 rounds of PBKDF2. PostgreSQL keeps a role's
+/// salt until its password changes; a changed password or salt simply misses the cache.
+#[derive(Default)]
+pub struct ClientKeyCache {
+    keys: dashmap::DashMap<([u8; 32], Vec<u8>, u32), ClientKeys>,
+}
+
+impl ClientKeyCache {
+    /// The cache keeps at most this many entries (one per node role in practice).
+    const LIMIT: usize = 1024;
+
+    pub fn get(&self, password: &str, salt: &[u8], iterations: u32) -> ClientKeys {
+        let key = (sha256(password.as_bytes()), salt.to_vec(), iterations);
+        if let Some(k) = self.keys.get(&key) {
+            return k.clone();
+        }
+        let derived = ClientKeys::derive(password, salt, iterations);
+        if self.keys.len() >= Self::LIMIT {
+            self.keys.clear();
+        }
+        self.keys.insert(key, derived.clone());
+        derived
+    }
+}
+
+/// One SCRAM-SHA-256 exchange, client side (graywire logging in to a node), without channel
+/// binding (graywire talks to nodes without TLS).
+pub struct ScramClient {
+    nonce: String,
+    state: ClientState,
+}
+
+enum ClientState {
+    Initial,
+    SentFinal {
+        server_key: [u8; 32],
+        auth_message: String,
+    },
+    Done,
+}
+
+impl Default for ScramClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScramClient {
+    pub fn new() -> Self {
+        let mut raw = [0u8; NONCE_BYTES];
+        rand::fill(&mut raw);
+        ScramClient {
+            nonce: B64.encode(raw),
+            state: ClientState::Initial,
+        }
+    }
+
+    /// The client-first-message for SASLInitialResponse.
+    pub fn client_first(&self) -> Vec<u8> {
+        format!("n,,n=,r={}", self.nonce).into_bytes()
+    }
+
+    /// Takes server-first (AuthenticationSASLContinue); returns client-final.
+    pub fn server_first(
+        &mut self,
+        data: &[u8],
+        password: &str,
+        cache: &ClientKeyCache,
+    ) -> Result<Vec<u8>, ScramError> {
+        if !matches!(self.state, ClientState::Initial) {
+            return Err(ScramError::Malformed("unexpected server-first-message"));
+        }
+        let msg = std::str::from_utf8(data).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let mut attrs = msg.split(',');
+        let nonce = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("expected r= attribute"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Malformed("server nonce does not extend ours"));
+        }
+        let salt = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("s="))
+            .and_then(|s| B64.decode(s).ok())
+            .ok_or(ScramError::Malformed("expected s= attribute"))?;
+        let iterations: u32 = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("i="))
+            .and_then(|i| i.parse().ok())
+            .filter(|i| *i > 0)
+            .ok_or(ScramError::Malformed("expected i= attribute"))?;
+        let keys = cache.get(password, &salt, iterations);
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("n=,r={},{msg},{without_proof}", self.nonce);
+        let signature = hmac(&sha256(&keys.client_key), &[auth_message.as_bytes()]);
+        let mut proof = keys.client_key;
+        for (p, s) in proof.iter_mut().zip(signature.iter()) {
+            *p ^= s;
+        }
+        self.state = ClientState::SentFinal {
+            server_key: keys.server_key,
+            auth_message,
+        };
+        Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
+    }
+
+    /// Takes server-final (AuthenticationSASLFinal) and checks the server's signature, so a
+    /// node that does not know the password cannot pretend it does.
+    pub fn server_final(&mut self, data: &[u8]) -> Result<(), ScramError> {
+        let ClientState::SentFinal {
+            server_key,
+            auth_message,
+        } = std::mem::replace(&mut self.state, ClientState::Done)
+        else {
+            return Err(ScramError::Malformed("unexpected server-final-message"));
+        };
+        let msg = std::str::from_utf8(data).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        if msg.starts_with("e=") {
+            return Err(ScramError::BadProof);
+        }
+        let given = msg
+            .strip_prefix("v=")
+            .and_then(|v| B64.decode(v.split(',').next().unwrap_or(v)).ok())
+            .ok_or(ScramError::Malformed("expected v= attribute"))?;
+        let expected = hmac(&server_key, &[auth_message.as_bytes()]);
+        if !constant_time_eq(&given, &expected) {
+            return Err(ScramError::BadProof);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +502,57 @@ mod tests {
         assert!(s.client_final(b"c=biws,r=wrongnonce,p=AAAA").is_err());
         // The exchange is over after one final message, right or wrong.
         assert!(s.client_final(b"c=biws,r=abc,p=AAAA").is_err());
+    }
+
+    #[test]
+    fn client_and_server_agree_and_the_cache_gives_the_same_keys() {
+        let verifier = ScramVerifier::from_password("n0de-pw");
+        let cache = ClientKeyCache::default();
+        for _ in 0..3 {
+            let mut client = ScramClient::new();
+            let mut server = ScramServer::new(&verifier);
+            let first = server
+                .client_first(MECHANISM, &client.client_first())
+                .expect("first");
+            let fin = client
+                .server_first(&first, "n0de-pw", &cache)
+                .expect("final");
+            let server_final = server.client_final(&fin).expect("proof accepted");
+            client
+                .server_final(&server_final)
+                .expect("server signature accepted");
+        }
+        assert_eq!(cache.keys.len(), 1, "one derivation for three logins");
+
+        let mut client = ScramClient::new();
+        let mut server = ScramServer::new(&verifier);
+        let first = server
+            .client_first(MECHANISM, &client.client_first())
+            .expect("first");
+        let fin = client.server_first(&first, "wrong", &cache).expect("final");
+        assert_eq!(server.client_final(&fin), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn the_client_refuses_a_server_that_does_not_know_the_password() {
+        let cache = ClientKeyCache::default();
+        let mut client = ScramClient::new();
+        let nonce = format!("r={}srv,s=c2FsdHNhbHQ=,i=4096", client.nonce);
+        client
+            .server_first(nonce.as_bytes(), "pw", &cache)
+            .expect("final");
+        assert_eq!(
+            client.server_final(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            Err(ScramError::BadProof)
+        );
+        let mut client = ScramClient::new();
+        assert!(client
+            .server_first(b"r=othernonce,s=c2FsdA==,i=1", "pw", &cache)
+            .is_err());
+        let mut client = ScramClient::new();
+        let no_iter = format!("r={}x,s=c2FsdA==,i=0", client.nonce);
+        assert!(client
+            .server_first(no_iter.as_bytes(), "pw", &cache)
+            .is_err());
     }
 }

@@ -222,4 +222,37 @@ mod tests {
         assert_eq!(check_length(8), Ok(4));
         assert!(check_length(10_001).is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes parse to a packet or an error, never a panic.
+            #[test]
+            fn arbitrary_bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse(&bytes);
+            }
+
+            /// Parameters round-trip through the wire format.
+            #[test]
+            fn parameters_round_trip(
+                params in prop::collection::btree_map("[a-z_]{1,12}", "[ -~]{0,40}", 0..8)
+            ) {
+                let mut rest = b"user\0u\0".to_vec();
+                for (k, v) in &params {
+                    if k == "user" { continue; }
+                    rest.extend_from_slice(k.as_bytes()); rest.push(0);
+                    rest.extend_from_slice(v.as_bytes()); rest.push(0);
+                }
+                rest.push(0);
+                let StartupPacket::Startup(s) = parse(&body(196_608, &rest)).expect("valid") else {
+                    panic!("not a startup packet")
+                };
+                for (k, v) in &params {
+                    if k != "user" { prop_assert_eq!(s.get(k), Some(v.as_str())); }
+                }
+            }
+        }
+    }
 }

@@ -128,6 +128,7 @@ async fn run(ctx: &Arc<Context>, client: &mut TcpStream) -> Result<&'static str,
         config.listener.max_message_size,
     );
     let end = relay::run(client, &mut backend.stream, &mut tracker, &ctx.shutdown).await;
+    tracker.publish_bytes();
     match end {
         Ok(RelayEnd::ClientClosed) | Ok(RelayEnd::ClientTerminated) => {
             close_backend(backend, &tracker, &cancel).await;
@@ -199,7 +200,8 @@ async fn connect_backend(
 ) -> Result<BackendConn, SessionError> {
     let node = router::wait_for_primary(&ctx.topology, config.hold_timeout).await?;
     let creds = config.backend_credentials(user);
-    match backend::connect(&node, creds, &params.params, config.backend_connect_timeout).await {
+    let timeout = config.backend_connect_timeout;
+    match backend::connect(&node, creds, &params.params, timeout, &ctx.scram_keys).await {
         Ok(b) => Ok(b),
         Err(e) => {
             if e.is_node_failure() {

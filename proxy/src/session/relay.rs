@@ -22,6 +22,8 @@ use crate::shutdown::Shutdown;
 /// Each read asks for at least this much room.
 const READ_CHUNK: usize = 64 * 1024;
 const MIN_FREE: usize = 8 * 1024;
+/// Relayed bytes are published to the shared counters per this many.
+const BYTES_BATCH: u64 = 64 * 1024;
 
 /// Why a relay stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -52,6 +54,10 @@ pub struct Tracker {
     query_duration: metrics::Histogram,
     bytes_up: metrics::Counter,
     bytes_down: metrics::Counter,
+    /// Bytes relayed but not yet added to the shared counters (published in batches, so the
+    /// hot path does not touch a cache line every session shares).
+    unpublished_up: u64,
+    unpublished_down: u64,
 }
 
 impl Tracker {
@@ -72,7 +78,31 @@ impl Tracker {
             query_duration: metrics::histogram!(m::QUERY_DURATION_SECONDS),
             bytes_up: metrics::counter!(m::RELAYED_BYTES_TOTAL, "direction" => "client_to_node"),
             bytes_down: metrics::counter!(m::RELAYED_BYTES_TOTAL, "direction" => "node_to_client"),
+            unpublished_up: 0,
+            unpublished_down: 0,
         }
+    }
+
+    fn count_up(&mut self, n: usize) {
+        self.unpublished_up += n as u64;
+        if self.unpublished_up >= BYTES_BATCH {
+            self.publish_bytes();
+        }
+    }
+
+    fn count_down(&mut self, n: usize) {
+        self.unpublished_down += n as u64;
+        if self.unpublished_down >= BYTES_BATCH {
+            self.publish_bytes();
+        }
+    }
+
+    /// Adds the locally counted bytes to the shared counters.
+    pub fn publish_bytes(&mut self) {
+        self.bytes_up
+            .increment(std::mem::take(&mut self.unpublished_up));
+        self.bytes_down
+            .increment(std::mem::take(&mut self.unpublished_down));
     }
 
     /// A transaction boundary with nothing in flight in either direction.
@@ -253,20 +283,31 @@ pub async fn run(
     let (mut backend_rd, backend_wr) = backend.split();
     let mut up = Pipe::new();
     let mut down = Pipe::new();
+    // Made once: each `cancelled()` future registers with the token shared by every session,
+    // so re-creating them per iteration would lock that shared list on every round trip.
+    let soft = shutdown.soft.cancelled();
+    let hard = shutdown.hard.cancelled();
+    tokio::pin!(soft, hard);
+    // Asked once here; afterwards the pinned futures report it (is_cancelled takes a lock).
+    let mut stopping = shutdown.soft.is_cancelled();
+    let mut stop_now = shutdown.hard.is_cancelled();
     loop {
-        let stopping = shutdown.soft.is_cancelled();
-        if shutdown.hard.is_cancelled() || (stopping && t.at_boundary() && up.buf.is_empty()) {
+        if stop_now || (stopping && t.at_boundary() && up.buf.is_empty()) {
+            t.publish_bytes();
             return Ok(RelayEnd::Shutdown);
         }
         up.make_room();
         down.make_room();
         tokio::select! {
+            biased;
+            _ = &mut hard => stop_now = true,
+            _ = &mut soft, if !stopping => stopping = true,
             r = client_rd.read_buf(&mut up.buf), if up.ready == 0 => {
                 let n = r.map_err(SessionError::ClientGone)?;
                 if n == 0 {
                     return Ok(RelayEnd::ClientClosed);
                 }
-                t.bytes_up.increment(n as u64);
+                t.count_up(n);
                 let scanned = t.scan_frontend(&up.buf)?;
                 up.ready = scanned.forward;
                 if scanned.stopped.is_some() {
@@ -285,7 +326,7 @@ pub async fn run(
                     Ok(n) => n,
                     Err(e) => return Ok(lost(e)),
                 };
-                t.bytes_down.increment(n as u64);
+                t.count_down(n);
                 down.ready = t.scan_backend(&down.buf).forward;
                 down.flush_now(&client_wr).map_err(SessionError::ClientGone)?;
             }
@@ -297,8 +338,6 @@ pub async fn run(
             r = client_wr.writable(), if down.ready > 0 => {
                 r.and_then(|()| down.flush_now(&client_wr)).map_err(SessionError::ClientGone)?;
             }
-            _ = shutdown.soft.cancelled(), if !stopping => {}
-            _ = shutdown.hard.cancelled() => {}
         }
     }
 }
