@@ -6,6 +6,7 @@
 #   bench/pgbench.sh --quick    # smoke run (DURATION=3 ROUNDS=1)
 #
 # Environment: DURATION ROUNDS CLIENTS JOBS SCALE WARMUP WORKLOADS RESULTS_DIR GRAYWIRE_BIN
+#              GW_THREADS
 #              PGBOUNCER_BIN PG_BINDIR CHURN_EXTRAS KEEP_TMP (see --help).
 set -euo pipefail
 
@@ -36,6 +37,8 @@ Environment (defaults in brackets):
   CHURN_EXTRAS   1: churn also runs direct-trust (no auth) and PgBouncer in transaction mode [1]
   RESULTS_DIR    where the CSV and the report go [bench/results]
   GRAYWIRE_BIN   use this graywire binary instead of `cargo build --release -p graywire`
+  GW_THREADS     graywire's runtime.worker_threads: 1 single-threaded like PgBouncer, 0 one
+                 per core [1]
   PGBOUNCER_BIN  pgbouncer binary [pgbouncer on PATH; installed with apt-get if root]
   PG_BINDIR      PostgreSQL bin directory [pg_config --bindir, else newest /usr/lib/postgresql/*/bin]
   KEEP_TMP       1: keep the temporary directory (data dir, configs, logs) for inspection [0]
@@ -124,6 +127,8 @@ if [[ -z ${PGBOUNCER_BIN:-} ]]; then
 fi
 [[ -x $PGBOUNCER_BIN ]] || die "pgbouncer binary '$PGBOUNCER_BIN' is not executable"
 
+GW_THREADS=${GW_THREADS:-1}
+[[ $GW_THREADS =~ ^[0-9]+$ ]] || die "GW_THREADS must be a whole number, got '$GW_THREADS'"
 if [[ -z ${GRAYWIRE_BIN:-} ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found; build graywire or set GRAYWIRE_BIN"
     log "building graywire: cargo build --release -p graywire"
@@ -348,6 +353,9 @@ mode = "session"
 [shutdown]
 timeout = "2s"
 
+[runtime]
+worker_threads = $GW_THREADS
+
 [[nodes]]
 name = "pg1"
 host = "127.0.0.1"
@@ -447,7 +455,7 @@ PB_IDLE_MS=$(awk -v d=$((pu1 + ps1 - pu0 - ps0)) -v t="$CLK_TCK" -v s="$IDLE_SEC
 
 say "graywire pgbench benchmark, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 say "  machine     : $(nproc) CPUs, $(uname -sr); pgbench, postgres and the proxy share these CPUs"
-say "  graywire    : $GW_VERSION, $GRAYWIRE_BIN, git $GIT_REV$GIT_DIRTY; pool mode session; client auth trust; backend scram-sha-256"
+say "  graywire    : $GW_VERSION, $GRAYWIRE_BIN, git $GIT_REV$GIT_DIRTY; pool mode session; worker_threads=$GW_THREADS (0 = one per core); client auth trust; backend scram-sha-256"
 say "  pgbouncer   : $PB_VERSION; pool_mode=session for all main comparisons (matches graywire);"
 say "                auth_type=trust, default_pool_size=$PB_POOL_SIZE, log_connections=0, server_reset_query default (DISCARD ALL)"
 say "  postgresql  : $PG_VERSION, throwaway primary; fsync=off, full_page_writes=off, synchronous_commit=off"

@@ -63,6 +63,8 @@ pub struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
     nodes: Vec<RawNode>,
     #[serde(default)]
     users: Vec<RawUser>,
@@ -115,6 +117,12 @@ struct RawShutdown {
     timeout: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<i64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
@@ -149,6 +157,8 @@ pub struct Config {
     pub hold_timeout: Duration,
     pub health: HealthConfig,
     pub shutdown_timeout: Duration,
+    /// Threads that run sessions: 0 one per core, 1 a single-threaded runtime.
+    pub worker_threads: usize,
     pub nodes: Vec<NodeConfig>,
     pub users: Vec<UserConfig>,
 }
@@ -448,6 +458,13 @@ impl RawConfig {
             Duration::from_secs(30),
         );
 
+        let worker_threads = p.count(
+            "runtime.worker_threads",
+            self.runtime.worker_threads,
+            0,
+            1024,
+            0,
+        ) as usize;
         let nodes = validate_nodes(&mut p, self.nodes);
         let users = validate_users(&mut p, self.users);
 
@@ -479,6 +496,7 @@ impl RawConfig {
             hold_timeout,
             health,
             shutdown_timeout,
+            worker_threads,
             nodes,
             users,
         })

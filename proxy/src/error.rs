@@ -121,6 +121,10 @@ impl SessionError {
             SessionError::Startup(StartupError::UnsupportedProtocol { .. }) => {
                 SqlState::FEATURE_NOT_SUPPORTED
             }
+            // Like PostgreSQL: a startup packet without a user is an authorization problem.
+            SessionError::Startup(StartupError::NoUser) => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
             SessionError::Frame(_)
             | SessionError::Startup(_)
             | SessionError::Protocol(_)
@@ -175,7 +179,8 @@ mod tests {
         use std::io::{Error, ErrorKind};
         let n = NodeName::new("pg1");
         assert_eq!(code_of(SessionError::Protocol("x".into())), Some("08P01"));
-        assert_eq!(code_of(StartupError::NoUser.into()), Some("08P01"));
+        assert_eq!(code_of(StartupError::NoUser.into()), Some("28000"));
+        assert_eq!(code_of(StartupError::BadLength(3).into()), Some("08P01"));
         assert_eq!(
             code_of(StartupError::UnsupportedProtocol { major: 2, minor: 0 }.into()),
             Some("0A000")

@@ -45,6 +45,9 @@ enum Command {
         /// Port of the admin API and /metrics (0: any free port).
         #[arg(long, default_value_t = 9930)]
         admin_port: u16,
+        /// Worker threads (0: one per core, 1: single-threaded), as runtime.worker_threads.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 
@@ -82,7 +85,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            runtime_then(|stop| async move {
+            runtime_then(config.worker_threads, |stop| async move {
                 let listener = tokio::net::TcpListener::bind(config.listener.address).await?;
                 let admin = tokio::net::TcpListener::bind(config.admin.address).await?;
                 info!(listen = %config.listener.address, admin = %config.admin.address, "graywire is serving");
@@ -94,24 +97,39 @@ fn main() -> ExitCode {
             nodes,
             port,
             admin_port,
+            threads,
         } => {
             let opts = DemoOptions {
                 nodes: nodes as usize,
                 listen: SocketAddr::from(([127, 0, 0, 1], port)),
                 admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             };
-            runtime_then(|stop| async move { Ok(demo::run(opts, stop).await?) })
+            runtime_then(
+                threads,
+                |stop| async move { Ok(demo::run(opts, stop).await?) },
+            )
         }
     }
 }
 
-/// Builds the runtime, wires SIGINT/SIGTERM to a cancellation token, runs `f`.
-fn runtime_then<F, Fut>(f: F) -> ExitCode
+/// Builds the runtime (`threads`: 0 one worker per core, 1 single-threaded), wires
+/// SIGINT/SIGTERM to a cancellation token, runs `f`.
+fn runtime_then<F, Fut>(threads: usize, f: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let built = match threads {
+        0 => tokio::runtime::Runtime::new(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

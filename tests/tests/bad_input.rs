@@ -44,7 +44,7 @@ async fn malformed_startup_packets_get_a_fatal_error() {
         (
             "no user",
             startup_packet(&[("database", "postgres")]),
-            "08P01",
+            "28000",
         ),
         (
             "protocol 2.0",

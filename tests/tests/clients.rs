@@ -41,6 +41,14 @@ async fn each_auth_method_accepts_the_right_password_and_refuses_others() {
                 Some("28P01"),
                 "{user} ({method}): {e:?}"
             );
+            let message = e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default();
+            assert_eq!(
+                message,
+                format!("password authentication failed for user \"{user}\"")
+            );
         }
     }
     let e = connect_refused(&dsn("nobody", "x")).await;

@@ -75,6 +75,7 @@ fn each_bad_value_is_named_by_its_key() {
         (with("[backend]", "[health]\nfall = 0\n[backend]"), "health.fall: 0 is out of range"),
         (with("[backend]", "[pool]\nmode = \"statement\"\n[backend]"), "pool.mode: \"statement\" is not a pool mode"),
         (with("[backend]", "[shutdown]\ntimeout = \"x\"\n[backend]"), "shutdown.timeout: \"x\" is not a duration"),
+        (with("[backend]", "[runtime]\nworker_threads = -1\n[backend]"), "runtime.worker_threads: -1 is out of range"),
         (with("address = \"127.0.0.1:6432\"", "address = \"127.0.0.1:6432\"\nmax_message_size = \"12XB\""), "listener.max_message_size: \"12XB\" has an unknown unit"),
         (with("address = \"127.0.0.1:6432\"", "address = \"127.0.0.1:6432\"\nmax_message_size = 10"), "listener.max_message_size: 10 bytes is out of range"),
         (with("address = \"127.0.0.1:6432\"", "address = \"127.0.0.1:6432\"\nmax_client_connections = 0"), "listener.max_client_connections: 0 is out of range"),

@@ -10,7 +10,7 @@ use crate::config::{ClientAuth, StoredSecret, UserConfig};
 use crate::error::SessionError;
 use crate::protocol::frame::{read_cstr, SMALL_MESSAGE_LIMIT};
 use crate::protocol::message;
-use crate::protocol::scram::{self, ScramServer};
+use crate::protocol::scram::{self, ScramError, ScramServer};
 
 fn gone(e: std::io::Error) -> SessionError {
     SessionError::ClientGone(e)
@@ -76,7 +76,10 @@ pub async fn authenticate(client: &mut TcpStream, user: &UserConfig) -> Result<(
             client.write_all(&out).await.map_err(gone)?;
 
             let body = read_password_message(client).await?;
-            let server_final = server.client_final(&body)?;
+            let server_final = server.client_final(&body).map_err(|e| match e {
+                ScramError::BadProof => bad_password(),
+                other => other.into(),
+            })?;
             out.clear();
             message::authentication_sasl_final(&mut out, &server_final);
             client.write_all(&out).await.map_err(gone)

@@ -48,34 +48,37 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one client connection until it closes. Never panics on client input; every failure
 /// ends only this session.
+///
+/// The session's span (peer, user, node) is entered while the session starts and ends and for
+/// its log lines, not around the relay: entering a span on every poll would cost each round
+/// trip two registry look-ups.
 pub async fn serve(ctx: Arc<Context>, mut client: TcpStream, peer: SocketAddr) {
     let span = info_span!("session", %peer, user = field::Empty, node = field::Empty);
-    async move {
-        let result = run(&ctx, &mut client).await;
-        let label: &'static str = match &result {
-            Ok(label) => label,
-            Err(e) => {
+    let result = run(&ctx, &mut client, &span).await;
+    let label: &'static str = match &result {
+        Ok(label) => label,
+        Err(e) => {
+            span.in_scope(|| {
                 if e.is_routine() {
                     debug!(error = %e, "session ended");
                 } else {
                     warn!(error = %e, sqlstate = e.sqlstate().map(|s| s.code()), "session ended");
                 }
-                let reply = e.fatal_response();
-                if !reply.is_empty() {
-                    if let Some(code) = e.sqlstate() {
-                        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => code.code(), "source" => "graywire")
-                            .increment(1);
-                    }
-                    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&reply)).await;
+            });
+            let reply = e.fatal_response();
+            if !reply.is_empty() {
+                if let Some(code) = e.sqlstate() {
+                    metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => code.code(), "source" => "graywire")
+                        .increment(1);
                 }
-                outcome_label(e)
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), client.write_all(&reply)).await;
             }
-        };
-        metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL, "result" => label).increment(1);
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
-    }
-    .instrument(span)
-    .await
+            outcome_label(e)
+        }
+    };
+    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL, "result" => label).increment(1);
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
 }
 
 fn outcome_label(e: &SessionError) -> &'static str {
@@ -93,11 +96,15 @@ fn outcome_label(e: &SessionError) -> &'static str {
 }
 
 /// Runs the state machine; `Ok` carries the metric label of a normal end.
-async fn run(ctx: &Arc<Context>, client: &mut TcpStream) -> Result<&'static str, SessionError> {
+async fn run(
+    ctx: &Arc<Context>,
+    client: &mut TcpStream,
+    span: &Span,
+) -> Result<&'static str, SessionError> {
     let config = ctx.config.load_full();
     let opened = tokio::time::timeout(
         config.listener.auth_timeout,
-        open_and_authenticate(ctx, client, &config),
+        open_and_authenticate(ctx, client, &config).instrument(span.clone()),
     )
     .await
     .map_err(|_| SessionError::AuthTimeout)??;
@@ -105,8 +112,10 @@ async fn run(ctx: &Arc<Context>, client: &mut TcpStream) -> Result<&'static str,
         return Ok("cancel");
     };
 
-    let mut backend = connect_backend(ctx, &config, user, &params).await?;
-    Span::current().record("node", backend.node.as_str());
+    let mut backend = connect_backend(ctx, &config, user, &params)
+        .instrument(span.clone())
+        .await?;
+    span.record("node", backend.node.as_str());
     let cancel = ctx.cancels.register();
     cancel.set_target(Some(backend.cancel_target()));
     let _bound = NodeBinding::new(&backend.node);
@@ -131,11 +140,15 @@ async fn run(ctx: &Arc<Context>, client: &mut TcpStream) -> Result<&'static str,
     tracker.publish_bytes();
     match end {
         Ok(RelayEnd::ClientClosed) | Ok(RelayEnd::ClientTerminated) => {
-            close_backend(backend, &tracker, &cancel).await;
+            close_backend(backend, &tracker, &cancel)
+                .instrument(span.clone())
+                .await;
             Ok("session")
         }
         Ok(RelayEnd::Shutdown) => {
-            close_backend(backend, &tracker, &cancel).await;
+            close_backend(backend, &tracker, &cancel)
+                .instrument(span.clone())
+                .await;
             Err(SessionError::Shutdown)
         }
         Ok(RelayEnd::BackendClosed(reason)) => {
@@ -149,7 +162,9 @@ async fn run(ctx: &Arc<Context>, client: &mut TcpStream) -> Result<&'static str,
             })
         }
         Err(e) => {
-            close_backend(backend, &tracker, &cancel).await;
+            close_backend(backend, &tracker, &cancel)
+                .instrument(span.clone())
+                .await;
             Err(e)
         }
     }
