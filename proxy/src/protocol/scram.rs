@@ -50,6 +50,13 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// `out ^= other`, byte by byte (SCRAM's proofs and PBKDF2's running sum).
+fn xor_into(out: &mut [u8; 32], other: &[u8; 32]) {
+    for (o, x) in out.iter_mut().zip(other.iter()) {
+        *o ^= x;
+    }
+}
+
 fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
@@ -60,9 +67,7 @@ fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let mut out = u;
     for _ in 1..iterations {
         u = hmac(password, &[&u]);
-        for (o, x) in out.iter_mut().zip(u.iter()) {
-            *o ^= x;
-        }
+        xor_into(&mut out, &u);
     }
     out
 }
@@ -141,7 +146,8 @@ impl ScramVerifier {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets without an early exit, so timing does not reveal how much matched.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -263,9 +269,7 @@ impl<'v> ScramServer<'v> {
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let signature = hmac(&self.verifier.stored_key, &[auth_message.as_bytes()]);
         let mut client_key = proof;
-        for (k, s) in client_key.iter_mut().zip(signature.iter()) {
-            *k ^= s;
-        }
+        xor_into(&mut client_key, &signature);
         if !constant_time_eq(&sha256(&client_key), &self.verifier.stored_key) {
             return Err(ScramError::BadProof);
         }
@@ -390,9 +394,7 @@ impl ScramClient {
         let auth_message = format!("n=,r={},{msg},{without_proof}", self.nonce);
         let signature = hmac(&sha256(&keys.client_key), &[auth_message.as_bytes()]);
         let mut proof = keys.client_key;
-        for (p, s) in proof.iter_mut().zip(signature.iter()) {
-            *p ^= s;
-        }
+        xor_into(&mut proof, &signature);
         self.state = ClientState::SentFinal {
             server_key: keys.server_key,
             auth_message,

@@ -10,7 +10,7 @@ use crate::config::{ClientAuth, StoredSecret, UserConfig};
 use crate::error::SessionError;
 use crate::protocol::frame::{read_cstr, SMALL_MESSAGE_LIMIT};
 use crate::protocol::message;
-use crate::protocol::scram::{self, ScramError, ScramServer};
+use crate::protocol::scram::{self, constant_time_eq, ScramError, ScramServer};
 
 fn gone(e: std::io::Error) -> SessionError {
     SessionError::ClientGone(e)
@@ -100,10 +100,6 @@ fn md5_salted(stored: &str, salt: [u8; 4]) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads one PasswordMessage/SASL message ('p') and returns its body.
