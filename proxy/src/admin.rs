@@ -1,13 +1,16 @@
-//! The admin HTTP API (hyper, JSON): `/v1/nodes`, `/metrics`, `/healthz`, `/readyz`.
-//! Errors are JSON objects with a message.
+//! The admin HTTP API (hyper, JSON): `GET /v1/nodes`, `POST /v1/nodes/{name}/drain?wait=…`,
+//! `POST /v1/nodes/{name}/undrain`, `POST /v1/pause`, `POST /v1/resume`, `/metrics`,
+//! `/healthz`, `/readyz`. Errors are JSON objects with a message. With `admin.token` set,
+//! every mutating call needs `Authorization: Bearer <token>` (401 otherwise).
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -18,7 +21,12 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::context::Context;
+use crate::drain::{self, NoSuchNode};
 use crate::router;
+use crate::topology::{NodeName, Role};
+
+/// The longest a drain call may be asked to wait.
+const MAX_DRAIN_WAIT: Duration = Duration::from_secs(3600);
 
 type Reply = Response<Full<Bytes>>;
 
@@ -47,7 +55,7 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req)) }
+                async move { Ok::<_, Infallible>(route(&admin, req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -59,12 +67,25 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
     }
 }
 
-fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
-    let path = req.uri().path();
-    match (req.method(), path) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => readyz(admin),
-        (&Method::GET, "/metrics") => match &admin.metrics {
+async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let mutating = matches!(
+        segments.as_slice(),
+        ["v1", "pause" | "resume"] | ["v1", "nodes", _, "drain" | "undrain"]
+    );
+    if mutating && method == Method::POST && !authorized(admin, &req) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "this call needs the admin token: Authorization: Bearer <admin.token>",
+        );
+    }
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) => readyz(admin),
+        (&Method::GET, ["metrics"]) => match &admin.metrics {
             Some(h) => {
                 let mut r = text(StatusCode::OK, h.render());
                 r.headers_mut().insert(
@@ -78,13 +99,122 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
                 "metrics recorder is not installed",
             ),
         },
-        (&Method::GET, "/v1/nodes") => nodes(admin),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/nodes") => error(
+        (&Method::GET, ["v1", "nodes"]) => nodes(admin),
+        (&Method::POST, ["v1", "nodes", name, "drain"]) => drain(admin, name, &query).await,
+        (&Method::POST, ["v1", "nodes", name, "undrain"]) => undrain(admin, name),
+        (&Method::POST, ["v1", "pause"]) => pause(admin, true),
+        (&Method::POST, ["v1", "resume"]) => pause(admin, false),
+        (_, ["healthz" | "readyz" | "metrics"] | ["v1", "nodes"])
+        | (_, ["v1", "pause" | "resume"] | ["v1", "nodes", _, "drain" | "undrain"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{} is not allowed on {path}", req.method()),
+            &format!("{method} is not allowed on {path}"),
         ),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
+}
+
+/// True when no token is configured, or the request carries it.
+fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
+    let config = admin.ctx.config.load();
+    let Some(token) = &config.admin.token else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    crate::protocol::scram::constant_time_eq(given.trim().as_bytes(), token.expose().as_bytes())
+}
+
+/// Reads `wait=DURATION` (default: do not wait); any other parameter is an error.
+fn wait_param(query: &str) -> Result<Duration, String> {
+    let mut wait = Duration::ZERO;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "wait" => {
+                wait = if v == "0" {
+                    Duration::ZERO
+                } else {
+                    humantime::parse_duration(v)
+                        .map_err(|e| format!("wait={v:?} is not a duration (e.g. 30s, 500ms): {e}"))?
+                };
+                if wait > MAX_DRAIN_WAIT {
+                    return Err(format!(
+                        "wait={v} is longer than the most a drain call waits ({MAX_DRAIN_WAIT:?})"
+                    ));
+                }
+            }
+            other => return Err(format!("unknown parameter {other:?} (only wait=DURATION)")),
+        }
+    }
+    Ok(wait)
+}
+
+async fn drain(admin: &Admin, name: &str, query: &str) -> Reply {
+    let wait = match wait_param(query) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let node = NodeName::new(name);
+    match drain::drain(&admin.ctx, &node, wait).await {
+        Err(NoSuchNode) => no_such_node(name),
+        Ok(report) => {
+            let status = if report.drained {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let state = admin
+                .ctx
+                .topology
+                .load()
+                .node(&node)
+                .map(|n| n.state_str())
+                .unwrap_or("removed");
+            json_reply(
+                status,
+                json!({
+                    "node": name,
+                    "state": state,
+                    "drained": report.drained,
+                    "waited_seconds": report.waited.as_secs_f64(),
+                    "remaining": {
+                        "sessions": report.remaining.sessions,
+                        "backend_connections": report.remaining.backend_connections,
+                        "pinned_sessions": report.remaining.pinned,
+                    },
+                }),
+            )
+        }
+    }
+}
+
+fn undrain(admin: &Admin, name: &str) -> Reply {
+    let node = NodeName::new(name);
+    match drain::undrain(&admin.ctx, &node) {
+        Err(NoSuchNode) => no_such_node(name),
+        Ok(before) => json_reply(
+            StatusCode::OK,
+            json!({"node": name, "state": "active", "was": drain::admin_str(before)}),
+        ),
+    }
+}
+
+fn pause(admin: &Admin, paused: bool) -> Reply {
+    let before = drain::set_paused(&admin.ctx, paused);
+    json_reply(
+        StatusCode::OK,
+        json!({"paused": paused, "was_paused": before}),
+    )
+}
+
+fn no_such_node(name: &str) -> Reply {
+    error(StatusCode::NOT_FOUND, &format!("no node named {name:?}"))
 }
 
 fn readyz(admin: &Admin) -> Reply {
@@ -107,19 +237,31 @@ fn nodes(admin: &Admin) -> Reply {
         .nodes
         .iter()
         .map(|n| {
+            let load = admin.ctx.loads.figures(n.name());
             json!({
                 "name": n.name().as_str(),
                 "address": format!("{}:{}", n.config.host, n.config.port),
                 "role": n.role.as_str(),
                 "state": n.state_str(),
                 "version": n.version,
+                "lag_bytes": snapshot.lag_bytes(n),
+                "lag_seconds": if n.role == Role::Standby { n.wal.replay_delay } else { None },
+                "sessions": load.sessions,
+                "backend_connections": load.backend_connections,
+                "pinned_sessions": load.pinned,
                 "last_error": n.last_error,
             })
         })
         .collect();
     json_reply(
         StatusCode::OK,
-        json!({ "nodes": nodes, "sessions": admin.ctx.open_sessions() }),
+        json!({
+            "nodes": nodes,
+            "sessions": admin.ctx.open_sessions(),
+            "paused": snapshot.paused,
+            "split_brain": snapshot.split_brain(),
+            "primary": router::primary(&snapshot).map(|n| n.name.as_str()),
+        }),
     )
 }
 

@@ -33,6 +33,8 @@ pub struct BackendConn {
     /// ParameterStatus and NoticeResponse messages to pass on to the client, as bytes.
     pub greeting: Bytes,
     pub status: TxStatus,
+    /// Bytes read from the node after its first ReadyForQuery (normally none).
+    pub leftover: BytesMut,
 }
 
 impl BackendConn {
@@ -212,6 +214,7 @@ async fn connect_inner(
                     parameters,
                     greeting: greeting.freeze(),
                     status,
+                    leftover: std::mem::take(&mut buf),
                 });
             }
             Message::ErrorResponse(body) => {
@@ -282,6 +285,115 @@ async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Resu
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+/// What a node answered to requests graywire sent on its own behalf (never seen by a client).
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// DataRow values as text, in order.
+    pub rows: Vec<Vec<Option<String>>>,
+    /// ErrorResponses: (SQLSTATE, message).
+    pub errors: Vec<(String, String)>,
+    /// ParameterStatus values the node reported meanwhile.
+    pub parameters: Vec<(String, String)>,
+    /// NotificationResponse messages that arrived meanwhile, to pass on to the client.
+    pub notifications: BytesMut,
+}
+
+/// Sends `request` (whole messages, ending in `ready_count` Syncs or Queries) and reads until
+/// that many ReadyForQuery. `buf` holds bytes already read from the node and keeps any that
+/// follow the last ReadyForQuery.
+pub async fn exchange(
+    node: &NodeName,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    request: &[u8],
+    ready_count: usize,
+    timeout: Duration,
+) -> Result<Exchange, BackendError> {
+    let io_err = |source: std::io::Error| BackendError::Connect {
+        node: node.clone(),
+        source,
+    };
+    let work = async {
+        stream.write_all(request).await.map_err(io_err)?;
+        let mut out = Exchange::default();
+        let mut ready = 0;
+        while ready < ready_count {
+            let frame = read_frame(stream, buf).await.map_err(io_err)?;
+            let body = &frame[5..];
+            match frame[0] {
+                b'Z' => ready += 1,
+                b'D' => out.rows.push(data_row(body).ok_or_else(|| BackendError::Protocol {
+                    node: node.clone(),
+                    detail: "malformed DataRow".into(),
+                })?),
+                b'E' => out.errors.push(error_fields(body)),
+                b'S' => {
+                    if let Some((k, rest)) = crate::protocol::frame::read_cstr(body) {
+                        if let Some((v, _)) = crate::protocol::frame::read_cstr(rest) {
+                            out.parameters.push((k.to_owned(), v.to_owned()));
+                        }
+                    }
+                }
+                b'A' => out.notifications.extend_from_slice(&frame),
+                _ => {}
+            }
+        }
+        Ok(out)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Timeout {
+            node: node.clone(),
+            timeout,
+        }),
+    }
+}
+
+fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let n = body.get_u16();
+    let mut row = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return None;
+        }
+        row.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        body.advance(len);
+    }
+    Some(row)
+}
+
+/// (SQLSTATE, message) of an ErrorResponse body.
+pub fn error_fields(mut body: &[u8]) -> (String, String) {
+    let (mut code, mut message) = (String::new(), String::new());
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, rest)) = crate::protocol::frame::read_cstr(rest) else {
+            break;
+        };
+        match field {
+            b'C' => code = value.to_owned(),
+            b'M' => message = value.to_owned(),
+            _ => {}
+        }
+        body = rest;
+    }
+    (code, message)
 }
 
 /// Ends a backend connection politely: Terminate, then close.

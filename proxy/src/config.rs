@@ -61,6 +61,8 @@ pub struct RawConfig {
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
     runtime: RawRuntime,
@@ -113,6 +115,15 @@ struct RawHealth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRouting {
+    max_lag: Option<String>,
+    max_lag_bytes: Option<toml::Value>,
+    read_fallback_to_primary: Option<bool>,
+    read_only_databases: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawShutdown {
     timeout: Option<String>,
 }
@@ -141,6 +152,7 @@ struct RawUser {
     md5_hash: Option<Secret>,
     backend_user: Option<String>,
     backend_password: Option<Secret>,
+    target: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,6 +168,7 @@ pub struct Config {
     /// How long a request waits for a suitable node before 57P03.
     pub hold_timeout: Duration,
     pub health: HealthConfig,
+    pub routing: RoutingConfig,
     pub shutdown_timeout: Duration,
     /// Threads that run sessions: 0 one per core, 1 a single-threaded runtime.
     pub worker_threads: usize,
@@ -199,6 +212,37 @@ pub struct HealthConfig {
     pub database: String,
 }
 
+/// Which sessions may read from standbys, and how far behind a standby may be.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingConfig {
+    /// A standby whose replay is this far behind in time takes no read-only sessions.
+    pub max_lag: Option<Duration>,
+    /// A standby this many WAL bytes behind the primary takes no read-only sessions.
+    pub max_lag_bytes: Option<u64>,
+    /// Read-only sessions go to the primary when no standby qualifies.
+    pub read_fallback_to_primary: bool,
+    /// Sessions to these databases are read-only.
+    pub read_only_databases: Vec<String>,
+}
+
+/// Where a session's transactions may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The primary.
+    ReadWrite,
+    /// A standby under the lag bound (or the primary, if fallback is on).
+    ReadOnly,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::ReadWrite => "read-write",
+            Target::ReadOnly => "read-only",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
     pub name: NodeName,
@@ -233,6 +277,8 @@ pub struct UserConfig {
     pub auth: ClientAuth,
     /// Credentials towards nodes for this user's sessions; `None` uses `[backend]`.
     pub backend: Option<Credentials>,
+    /// Where this user's sessions go unless the startup packet asks for read-only.
+    pub target: Target,
 }
 
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 256 << 20;
@@ -452,6 +498,25 @@ impl RawConfig {
                 .database
                 .unwrap_or_else(|| "postgres".to_owned()),
         };
+        let routing = RoutingConfig {
+            max_lag: self
+                .routing
+                .max_lag
+                .as_deref()
+                .map(|v| p.duration("routing.max_lag", Some(v), Duration::ZERO)),
+            max_lag_bytes: match &self.routing.max_lag_bytes {
+                None => None,
+                Some(v) => match parse_size(v) {
+                    Ok(n) => Some(n as u64),
+                    Err(e) => {
+                        p.add("routing.max_lag_bytes", e);
+                        None
+                    }
+                },
+            },
+            read_fallback_to_primary: self.routing.read_fallback_to_primary.unwrap_or(true),
+            read_only_databases: self.routing.read_only_databases.unwrap_or_default(),
+        };
         let shutdown_timeout = p.duration(
             "shutdown.timeout",
             self.shutdown.timeout.as_deref(),
@@ -495,6 +560,7 @@ impl RawConfig {
             pool_mode,
             hold_timeout,
             health,
+            routing,
             shutdown_timeout,
             worker_threads,
             nodes,
@@ -675,10 +741,22 @@ fn validate_users(p: &mut Problems, raw: Vec<RawUser>) -> Vec<UserConfig> {
             }
             (None, None) => None,
         };
+        let target = match u.target.as_deref() {
+            None | Some("read-write") => Target::ReadWrite,
+            Some("read-only") => Target::ReadOnly,
+            Some(other) => {
+                p.add(
+                    &key("target"),
+                    format!("{other:?} is not a target (\"read-write\" or \"read-only\")"),
+                );
+                Target::ReadWrite
+            }
+        };
         users.push(UserConfig {
             name: u.name,
             auth,
             backend,
+            target,
         });
     }
     users

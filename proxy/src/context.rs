@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
+use crate::load::NodeLoads;
 use crate::protocol::scram::ClientKeyCache;
 use crate::shutdown::Shutdown;
 use crate::topology::Topology;
@@ -19,6 +20,8 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// SCRAM keys for logging in to nodes, derived once per password and salt.
     pub scram_keys: ClientKeyCache,
+    /// Sessions, backend connections and pinned sessions per node.
+    pub loads: NodeLoads,
     sessions: AtomicUsize,
 }
 
@@ -30,6 +33,7 @@ impl Context {
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: Shutdown::default(),
             scram_keys: ClientKeyCache::default(),
+            loads: NodeLoads::default(),
             sessions: AtomicUsize::new(0),
         }
     }

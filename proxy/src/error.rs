@@ -90,6 +90,9 @@ pub enum SessionError {
     BackendLost { node: NodeName, reason: String },
     #[error("graywire is shutting down")]
     Shutdown,
+    /// The node ended the session with a FATAL error of its own, already relayed.
+    #[error("the node ended the session")]
+    NodeEnded,
 }
 
 impl SessionError {
@@ -106,6 +109,7 @@ impl SessionError {
             | SessionError::Unsupported(_) => Side::Client,
             SessionError::Backend(_)
             | SessionError::BackendLost { .. }
+            | SessionError::NodeEnded
             | SessionError::NoPrimary(_) => Side::Node,
             SessionError::TooManyConnections | SessionError::Shutdown => Side::Graywire,
         }
@@ -115,7 +119,7 @@ impl SessionError {
     /// node's own ErrorResponse is relayed).
     pub fn sqlstate(&self) -> Option<SqlState> {
         Some(match self {
-            SessionError::ClientGone(_) => return None,
+            SessionError::ClientGone(_) | SessionError::NodeEnded => return None,
             SessionError::Backend(BackendError::Refused { .. }) => return None,
             // Like PostgreSQL: an unsupported protocol version is a missing feature.
             SessionError::Startup(StartupError::UnsupportedProtocol { .. }) => {
@@ -162,7 +166,51 @@ impl SessionError {
 
     /// A client hanging up is routine; everything else is worth a log line at warn.
     pub fn is_routine(&self) -> bool {
-        matches!(self, SessionError::ClientGone(_) | SessionError::Shutdown)
+        matches!(
+            self,
+            SessionError::ClientGone(_) | SessionError::Shutdown | SessionError::NodeEnded
+        )
+    }
+}
+
+/// Why graywire itself answers one request with an ERROR while the session goes on.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    /// The backend died inside an explicit transaction: nothing of it was committed.
+    #[error("the transaction was rolled back because node {node} failed ({reason}); it is safe to retry it")]
+    RolledBack { node: NodeName, reason: String },
+    /// The backend died while a COMMIT or an autocommit statement ran.
+    #[error("node {node} failed while the statement ran ({reason}); whether it committed is unknown")]
+    OutcomeUnknown { node: NodeName, reason: String },
+    /// No suitable node appeared within `hold_timeout`.
+    #[error("no suitable node is available (waited {0:?})")]
+    NoNode(std::time::Duration),
+    /// A node refused the session's new backend connection.
+    #[error("node {node} refused a connection for this session: {message}")]
+    NodeRefused { node: NodeName, message: String },
+    /// Like PostgreSQL: commands in a failed transaction are refused until it ends.
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    InFailedTransaction,
+}
+
+impl RequestError {
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            RequestError::RolledBack { .. } => SqlState::SERIALIZATION_FAILURE,
+            RequestError::OutcomeUnknown { .. } => SqlState::STATEMENT_COMPLETION_UNKNOWN,
+            RequestError::NoNode(_) | RequestError::NodeRefused { .. } => {
+                SqlState::CANNOT_CONNECT_NOW
+            }
+            RequestError::InFailedTransaction => SqlState::IN_FAILED_SQL_TRANSACTION,
+        }
+    }
+
+    /// Appends the ErrorResponse (severity ERROR) the client sees, and counts it.
+    pub fn write_response(&self, out: &mut BytesMut) {
+        let code = self.sqlstate();
+        metrics::counter!(crate::metrics::CLIENT_ERRORS_TOTAL, "sqlstate" => code.code(), "source" => "graywire")
+            .increment(1);
+        message::error_response(out, Severity::Error, code, &self.to_string(), None);
     }
 }
 
@@ -225,6 +273,44 @@ mod tests {
             b"E...",
             "node errors are relayed unchanged"
         );
+    }
+
+    #[test]
+    fn request_errors_map_to_their_sqlstates() {
+        let n = NodeName::new("pg1");
+        let r = |reason: &str| reason.to_owned();
+        let cases = [
+            (
+                RequestError::RolledBack {
+                    node: n.clone(),
+                    reason: r("eof"),
+                },
+                "40001",
+            ),
+            (
+                RequestError::OutcomeUnknown {
+                    node: n.clone(),
+                    reason: r("eof"),
+                },
+                "40003",
+            ),
+            (RequestError::NoNode(Default::default()), "57P03"),
+            (
+                RequestError::NodeRefused {
+                    node: n,
+                    message: r("starting up"),
+                },
+                "57P03",
+            ),
+            (RequestError::InFailedTransaction, "25P02"),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.sqlstate().code(), code, "{e}");
+            let mut out = BytesMut::new();
+            e.write_response(&mut out);
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.contains("ERROR") && text.contains(code), "{text}");
+        }
     }
 
     #[test]

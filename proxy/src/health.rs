@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::config::{Credentials, HealthConfig, NodeConfig};
 use crate::context::Context;
 use crate::metrics as m;
-use crate::topology::{Health, NodeName, NodeStatus, Observation, Role, Topology};
+use crate::topology::{Health, NodeName, NodeStatus, Observation, Role, Topology, WalPosition};
 
 /// Starts the checker of one node; it stops on hard shutdown.
 pub fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
@@ -85,6 +85,20 @@ fn apply(topology: &Topology, node: &NodeName, f: impl Fn(&NodeStatus) -> NodeSt
         }
     }
     let snapshot = topology.load();
+    if let Some(n) = snapshot.node(node) {
+        let name = node.to_string();
+        match (snapshot.lag_bytes(n), n.wal.replay_delay) {
+            (bytes, seconds) if n.role == Role::Standby => {
+                if let Some(b) = bytes {
+                    metrics::gauge!(m::REPLICATION_LAG_BYTES, "node" => name.clone()).set(b as f64);
+                }
+                if let Some(s) = seconds {
+                    metrics::gauge!(m::REPLICATION_LAG_SECONDS, "node" => name).set(s);
+                }
+            }
+            _ => {}
+        }
+    }
     let split = snapshot.split_brain();
     metrics::gauge!(m::SPLIT_BRAIN).set(if split { 1.0 } else { 0.0 });
     if split && (old.role != new.role || old.health != new.health) {
@@ -119,6 +133,15 @@ impl Drop for Checker {
     }
 }
 
+/// Role, version, WAL position (current on a primary, replayed on a standby) and, on a standby,
+/// how long replay has been behind: 0 once it has replayed all it received.
+const CHECK_QUERY: &str = "SELECT pg_is_in_recovery(), current_setting('server_version'), \
+     ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END) \
+       - '0/0'::pg_lsn)::bigint, \
+     CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+          WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0::float8 \
+          ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END";
+
 async fn check_once(
     conn: &mut Option<Checker>,
     node: &NodeConfig,
@@ -134,14 +157,13 @@ async fn check_once(
         };
         let row = c
             .client
-            .query_one(
-                "SELECT pg_is_in_recovery(), current_setting('server_version')",
-                &[],
-            )
+            .query_one(CHECK_QUERY, &[])
             .await
             .map_err(|e| e.to_string())?;
         let in_recovery: bool = row.try_get(0).map_err(|e| e.to_string())?;
         let version: String = row.try_get(1).map_err(|e| e.to_string())?;
+        let lsn: Option<i64> = row.try_get(2).map_err(|e| e.to_string())?;
+        let replay_delay: Option<f64> = row.try_get(3).map_err(|e| e.to_string())?;
         Ok(Observation::Ok {
             role: if in_recovery {
                 Role::Standby
@@ -149,6 +171,10 @@ async fn check_once(
                 Role::Primary
             },
             version,
+            wal: WalPosition {
+                lsn: lsn.and_then(|l| u64::try_from(l).ok()),
+                replay_delay: replay_delay.map(|d| d.max(0.0)),
+            },
         })
     };
     match tokio::time::timeout(health.timeout, attempt).await {

@@ -38,6 +38,30 @@ pub const HELD_REQUESTS: &str = "graywire_held_requests";
 pub const HOLD_DURATION_SECONDS: &str = "graywire_hold_duration_seconds";
 /// Bytes relayed (label `direction`: client_to_node, node_to_client).
 pub const RELAYED_BYTES_TOTAL: &str = "graywire_relayed_bytes_total";
+/// Sessions bound to a node that hold state which cannot move (label `node`).
+pub const PINNED_SESSIONS: &str = "graywire_pinned_sessions";
+/// Sessions moved to another backend connection at a transaction boundary
+/// (label `reason`: drain, role_change, node_down, failover).
+pub const MIGRATIONS_TOTAL: &str = "graywire_migrations_total";
+/// Migrations that could not happen because the session holds state that cannot move
+/// (label `state`: temporary_tables, listen, advisory_locks, sql_prepare, hold_cursors).
+pub const PINNED_TOTAL: &str = "graywire_pinned_total";
+/// Requests in flight on a backend connection that died, answered by graywire
+/// (label `sqlstate`: 40001 rolled back, 40003 outcome unknown).
+pub const FAILOVERS_TOTAL: &str = "graywire_failovers_total";
+/// Drains started through the admin API (label `node`).
+pub const DRAINS_TOTAL: &str = "graywire_drains_total";
+/// How long drain calls took until the node was empty or the wait ran out.
+pub const DRAIN_DURATION_SECONDS: &str = "graywire_drain_duration_seconds";
+/// Operator state of a node: 1 for its current state (labels `node`, `state`: active,
+/// draining, drained).
+pub const NODE_ADMIN_STATE: &str = "graywire_node_admin_state";
+/// 1 while new transactions are paused by an operator.
+pub const PAUSED: &str = "graywire_paused";
+/// Replication lag of a standby in WAL bytes behind the primary (label `node`).
+pub const REPLICATION_LAG_BYTES: &str = "graywire_replication_lag_bytes";
+/// Replication lag of a standby in seconds (label `node`).
+pub const REPLICATION_LAG_SECONDS: &str = "graywire_replication_lag_seconds";
 
 /// Latency buckets from 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -83,6 +107,37 @@ pub fn describe() {
         Unit::Seconds,
         "How long requests were held"
     );
+    describe_gauge!(
+        PINNED_SESSIONS,
+        "Sessions on the node holding state that cannot move"
+    );
+    describe_counter!(
+        MIGRATIONS_TOTAL,
+        "Sessions moved to another backend at a transaction boundary"
+    );
+    describe_counter!(PINNED_TOTAL, "Migrations refused because of session state");
+    describe_counter!(
+        FAILOVERS_TOTAL,
+        "In-flight requests on a dead backend answered by graywire"
+    );
+    describe_counter!(DRAINS_TOTAL, "Drains started");
+    describe_histogram!(
+        DRAIN_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of drain calls"
+    );
+    describe_gauge!(NODE_ADMIN_STATE, "1 for the node's operator state");
+    describe_gauge!(PAUSED, "1 while new transactions are paused");
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "WAL bytes a standby is behind the primary"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "Seconds a standby's replay is behind"
+    );
     describe_counter!(
         RELAYED_BYTES_TOTAL,
         Unit::Bytes,
@@ -111,6 +166,13 @@ pub fn register_zeroes() {
     metrics::gauge!(SESSIONS).increment(0.0);
     metrics::gauge!(HELD_REQUESTS).increment(0.0);
     metrics::gauge!(SPLIT_BRAIN).increment(0.0);
+    metrics::gauge!(PAUSED).increment(0.0);
+    for reason in ["drain", "role_change", "node_down", "failover"] {
+        metrics::counter!(MIGRATIONS_TOTAL, "reason" => reason).absolute(0);
+    }
+    for code in ["40001", "40003"] {
+        metrics::counter!(FAILOVERS_TOTAL, "sqlstate" => code).absolute(0);
+    }
 }
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

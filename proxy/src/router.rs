@@ -1,13 +1,19 @@
 //! Which node serves a session's next transaction, and waiting (holding) until one can.
+//!
+//! Pure choices over a topology [`Snapshot`] plus [`hold`], which waits for a choice to become
+//! possible. Write-capable sessions go to the one primary in rotation; read-only sessions go to
+//! the least-loaded standby within the lag bounds, or to the primary if fallback is on.
 
 use std::time::{Duration, Instant};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, RoutingConfig, Target, UserConfig};
 use crate::error::SessionError;
+use crate::load::NodeLoads;
 use crate::metrics as m;
-use crate::topology::{Snapshot, Topology};
+use crate::protocol::startup::StartupParams;
+use crate::topology::{NodeName, NodeStatus, Role, Snapshot, Topology};
 
-/// The node that takes writes: the one node that is up and claims primary. None while there
+/// The node that takes writes: the one node in rotation that claims primary. None while there
 /// is no such node, and none while two claim it (split brain: writes go to neither).
 pub fn primary(snapshot: &Snapshot) -> Option<&NodeConfig> {
     let mut primaries = snapshot.primaries();
@@ -18,22 +24,111 @@ pub fn primary(snapshot: &Snapshot) -> Option<&NodeConfig> {
     Some(&first.config)
 }
 
-/// Holds until a primary is known, or fails with 57P03 after `hold_timeout`.
-pub async fn wait_for_primary(
+/// Where a session's transactions go: read-only when its user or database is configured so,
+/// or when it asked for `default_transaction_read_only` in its startup packet.
+pub fn session_target(routing: &RoutingConfig, user: &UserConfig, params: &StartupParams) -> Target {
+    if user.target == Target::ReadOnly {
+        return Target::ReadOnly;
+    }
+    let database = params.get("database").or(params.get("user")).unwrap_or("");
+    if routing.read_only_databases.iter().any(|d| d == database) {
+        return Target::ReadOnly;
+    }
+    let is_on = |v: &str| matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1");
+    if params.get("default_transaction_read_only").is_some_and(is_on) {
+        return Target::ReadOnly;
+    }
+    let options = params.get("options").unwrap_or("");
+    let wants_read_only = options
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("default_transaction_read_only=").or_else(|| {
+            w.strip_prefix("--default_transaction_read_only=")
+                .or_else(|| w.strip_prefix("--default-transaction-read-only="))
+        }))
+        .any(is_on);
+    if wants_read_only {
+        Target::ReadOnly
+    } else {
+        Target::ReadWrite
+    }
+}
+
+/// A standby within the configured lag bounds (each bound optional).
+fn lag_ok(snapshot: &Snapshot, n: &NodeStatus, routing: &RoutingConfig) -> bool {
+    if let Some(max) = routing.max_lag_bytes {
+        match snapshot.lag_bytes(n) {
+            Some(lag) if lag <= max => {}
+            _ => return false,
+        }
+    }
+    if let Some(max) = routing.max_lag {
+        match n.wal.replay_delay {
+            Some(d) if d <= max.as_secs_f64() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn readable_standby(snapshot: &Snapshot, n: &NodeStatus, routing: &RoutingConfig) -> bool {
+    n.in_rotation() && n.role == Role::Standby && lag_ok(snapshot, n, routing)
+}
+
+/// The node for a session's next transaction right now, ignoring a pause; `None` when no node
+/// fits (the request is then held).
+pub fn choose<'s>(
+    snapshot: &'s Snapshot,
+    target: Target,
+    routing: &RoutingConfig,
+    loads: &NodeLoads,
+) -> Option<&'s NodeConfig> {
+    match target {
+        Target::ReadWrite => primary(snapshot),
+        Target::ReadOnly => snapshot
+            .nodes
+            .iter()
+            .filter(|n| readable_standby(snapshot, n, routing))
+            .min_by_key(|n| loads.figures(n.name()).sessions)
+            .map(|n| &n.config)
+            .or_else(|| {
+                routing
+                    .read_fallback_to_primary
+                    .then(|| primary(snapshot))
+                    .flatten()
+            }),
+    }
+}
+
+/// Whether a session bound to `node` may run its next transaction there, ignoring a pause.
+pub fn fits(snapshot: &Snapshot, node: &NodeName, target: Target, routing: &RoutingConfig) -> bool {
+    match target {
+        Target::ReadWrite => primary(snapshot).is_some_and(|p| &p.name == node),
+        Target::ReadOnly => snapshot.node(node).is_some_and(|n| {
+            readable_standby(snapshot, n, routing)
+                || (routing.read_fallback_to_primary
+                    && primary(snapshot).is_some_and(|p| &p.name == node))
+        }),
+    }
+}
+
+/// Holds until `ready` finds what it needs in the topology (re-asked on every change), or
+/// fails with 57P03 at `deadline`. Counted as held only if it had to wait.
+pub async fn hold<T>(
     topology: &Topology,
-    hold_timeout: Duration,
-) -> Result<NodeConfig, SessionError> {
+    deadline: tokio::time::Instant,
+    mut ready: impl FnMut(&Snapshot) -> Option<T>,
+) -> Result<T, SessionError> {
     let mut changes = topology.subscribe();
-    if let Some(n) = primary(&topology.load()) {
-        return Ok(n.clone());
+    if let Some(x) = ready(&topology.load()) {
+        return Ok(x);
     }
     let started = Instant::now();
     let held = metrics::gauge!(m::HELD_REQUESTS);
     held.increment(1.0);
-    let deadline = tokio::time::Instant::now() + hold_timeout;
     let result = loop {
-        if let Some(n) = primary(&topology.load()) {
-            break Ok(n.clone());
+        changes.mark_unchanged();
+        if let Some(x) = ready(&topology.load()) {
+            break Ok(x);
         }
         tokio::select! {
             r = changes.changed() => {
@@ -49,6 +144,33 @@ pub async fn wait_for_primary(
     held.decrement(1.0);
     metrics::histogram!(m::HOLD_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
     result
+}
+
+/// Holds until a node fits `target` and new transactions are not paused.
+pub async fn wait_for_node(
+    topology: &Topology,
+    target: Target,
+    routing: &RoutingConfig,
+    loads: &NodeLoads,
+    hold_timeout: Duration,
+) -> Result<NodeConfig, SessionError> {
+    let deadline = tokio::time::Instant::now() + hold_timeout;
+    hold(topology, deadline, |snap| {
+        if snap.paused {
+            return None;
+        }
+        choose(snap, target, routing, loads).cloned()
+    })
+    .await
+}
+
+/// Holds until a primary is known (used where only a primary will do).
+pub async fn wait_for_primary(
+    topology: &Topology,
+    hold_timeout: Duration,
+) -> Result<NodeConfig, SessionError> {
+    let deadline = tokio::time::Instant::now() + hold_timeout;
+    hold(topology, deadline, |snap| primary(snap).cloned()).await
 }
 
 #[cfg(test)]
@@ -72,6 +194,7 @@ mod tests {
                 &Observation::Ok {
                     role,
                     version: "15".into(),
+                    wal: Default::default(),
                 },
                 3,
                 2,

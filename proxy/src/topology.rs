@@ -57,11 +57,38 @@ pub enum Health {
     Down,
 }
 
+/// Set by an operator only (admin API): whether the node takes new transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// In rotation.
+    Active,
+    /// No new transactions; bound sessions leave at their next boundary.
+    Draining,
+    /// Draining finished: no sessions and no backend connections remain.
+    Drained,
+}
+
+/// Where a node's WAL stands, from its health check.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WalPosition {
+    /// `pg_current_wal_lsn()` on a primary, `pg_last_wal_replay_lsn()` on a standby.
+    pub lsn: Option<u64>,
+    /// On a standby: seconds since the last replayed transaction while WAL is still waiting
+    /// to be replayed (0 when replay has caught up with what was received).
+    pub replay_delay: Option<f64>,
+}
+
 /// What one health check saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
-    Ok { role: Role, version: String },
-    Failed { reason: String },
+    Ok {
+        role: Role,
+        version: String,
+        wal: WalPosition,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +97,8 @@ pub struct NodeStatus {
     pub role: Role,
     pub health: Health,
     pub version: Option<String>,
+    pub wal: WalPosition,
+    pub admin: AdminState,
     pub last_error: Option<String>,
     /// Consecutive successes (while down) or failures (while up).
     pub streak: u32,
@@ -83,6 +112,8 @@ impl NodeStatus {
             role: Role::Unknown,
             health: Health::Pending,
             version: None,
+            wal: WalPosition::default(),
+            admin: AdminState::Active,
             last_error: None,
             streak: 0,
             changed_at: Instant::now(),
@@ -93,12 +124,19 @@ impl NodeStatus {
         &self.config.name
     }
 
-    /// The node state of DESIGN.md's vocabulary (drain states come with the admin API).
+    /// The node state of DESIGN.md's vocabulary: down wins over the operator's drain states.
     pub fn state_str(&self) -> &'static str {
-        match self.health {
-            Health::Up => "up",
-            Health::Down | Health::Pending => "down",
+        match (self.health, self.admin) {
+            (Health::Down | Health::Pending, _) => "down",
+            (Health::Up, AdminState::Active) => "up",
+            (Health::Up, AdminState::Draining) => "draining",
+            (Health::Up, AdminState::Drained) => "drained",
         }
+    }
+
+    /// Up and in rotation: may take new transactions.
+    pub fn in_rotation(&self) -> bool {
+        self.health == Health::Up && self.admin == AdminState::Active
     }
 
     /// The status after one observation, with `fall` failures needed to go down and `rise`
@@ -106,8 +144,9 @@ impl NodeStatus {
     pub fn observe(&self, obs: &Observation, fall: u32, rise: u32, now: Instant) -> NodeStatus {
         let mut next = self.clone();
         match obs {
-            Observation::Ok { role, version } => {
+            Observation::Ok { role, version, wal } => {
                 next.version = Some(version.clone());
+                next.wal = *wal;
                 next.last_error = None;
                 match self.health {
                     Health::Up => {
@@ -164,8 +203,9 @@ impl NodeStatus {
         )
     }
 
+    /// Up, in rotation and claiming primary.
     pub fn is_usable_primary(&self) -> bool {
-        self.health == Health::Up && self.role == Role::Primary
+        self.in_rotation() && self.role == Role::Primary
     }
 }
 
@@ -173,19 +213,39 @@ impl NodeStatus {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub nodes: Vec<NodeStatus>,
+    /// An operator paused all new transactions (`POST /v1/pause`).
+    pub paused: bool,
 }
 
 impl Snapshot {
+    /// Bytes a standby's replay is behind the primary's current WAL position, when both are
+    /// known (each from its own latest health check).
+    pub fn lag_bytes(&self, standby: &NodeStatus) -> Option<u64> {
+        if standby.role != Role::Standby {
+            return None;
+        }
+        let mut primaries = self
+            .nodes
+            .iter()
+            .filter(|n| n.health == Health::Up && n.role == Role::Primary);
+        let primary = primaries.next()?;
+        if primaries.next().is_some() {
+            return None;
+        }
+        Some(primary.wal.lsn?.saturating_sub(standby.wal.lsn?))
+    }
+
     pub fn node(&self, name: &NodeName) -> Option<&NodeStatus> {
         self.nodes.iter().find(|n| n.name() == name)
     }
 
-    /// Nodes that are up and claim to be primary.
+    /// Nodes that are up, in rotation and claim to be primary. A drained former primary does
+    /// not count: the operator took it out of rotation, which settles the ambiguity.
     pub fn primaries(&self) -> impl Iterator<Item = &NodeStatus> {
         self.nodes.iter().filter(|n| n.is_usable_primary())
     }
 
-    /// True when more than one node is up and claims to be primary.
+    /// True when more than one node in rotation claims to be primary.
     pub fn split_brain(&self) -> bool {
         self.primaries().count() > 1
     }
@@ -201,6 +261,7 @@ impl Topology {
     pub fn new(nodes: &[NodeConfig]) -> Self {
         let snapshot = Snapshot {
             nodes: nodes.iter().cloned().map(NodeStatus::new).collect(),
+            paused: false,
         };
         Topology {
             current: ArcSwap::from_pointee(snapshot),
@@ -231,14 +292,45 @@ impl Topology {
             next
         });
         if let Some((old, new)) = &result {
-            if old.health != new.health || old.role != new.role {
+            if old.health != new.health || old.role != new.role || old.admin != new.admin {
                 self.changed.send_modify(|g| *g += 1);
             }
         }
         result
     }
 
-    /// A receiver that sees every published change of health or role.
+    /// Pauses or resumes new transactions everywhere; returns the previous setting.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        let before = self.current.load().paused;
+        self.current.rcu(|snap| {
+            let mut next = Snapshot::clone(snap);
+            next.paused = paused;
+            next
+        });
+        if before != paused {
+            self.changed.send_modify(|g| *g += 1);
+        }
+        before
+    }
+
+    /// Replaces the node list (config reload): nodes kept by name keep their status, new ones
+    /// start pending, removed ones disappear.
+    pub fn set_nodes(&self, nodes: &[NodeConfig]) {
+        self.current.rcu(|snap| {
+            let mut next = Snapshot::clone(snap);
+            next.nodes = nodes
+                .iter()
+                .map(|c| match snap.nodes.iter().find(|n| n.name() == &c.name) {
+                    Some(old) if old.config == *c => old.clone(),
+                    _ => NodeStatus::new(c.clone()),
+                })
+                .collect();
+            next
+        });
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// A receiver that sees every published change of health, role, drain state or pause.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -260,6 +352,7 @@ mod tests {
         Observation::Ok {
             role,
             version: "15".into(),
+            wal: WalPosition::default(),
         }
     }
 
@@ -313,10 +406,21 @@ mod tests {
         b.config.name = NodeName::new("pg2");
         let snap = Snapshot {
             nodes: vec![a.clone(), b.clone()],
+            paused: false,
         };
         assert!(snap.split_brain());
+        let mut drained = a.clone();
+        drained.admin = AdminState::Drained;
+        let snap = Snapshot {
+            nodes: vec![drained, b.clone()],
+            paused: false,
+        };
+        assert!(!snap.split_brain(), "a drained node is out of rotation");
         a = a.passive_failure("gone", 1, t);
-        let snap = Snapshot { nodes: vec![a, b] };
+        let snap = Snapshot {
+            nodes: vec![a, b],
+            paused: false,
+        };
         assert!(!snap.split_brain());
         assert_eq!(snap.primaries().count(), 1);
     }

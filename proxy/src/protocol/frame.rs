@@ -70,14 +70,23 @@ impl Framer {
         self.body_left == 0
     }
 
-    /// Scans `buf` (the bytes not yet forwarded). `classify(tag, length)` validates each
-    /// header and chooses its [`Handling`]; `on_message(tag, whole_message)` sees inspected
+    /// Consumes up to `available` bytes of a message body still passing through; returns how
+    /// many (for dropping the rest of a message that can no longer be delivered).
+    pub fn skip_body(&mut self, available: usize) -> usize {
+        let n = self.body_left.min(available);
+        self.body_left -= n;
+        n
+    }
+
+    /// Scans `buf` (the bytes not yet forwarded). `classify(tag, length, body_start)` validates
+    /// each header and chooses its [`Handling`] (`body_start` is as much of the body as has
+    /// arrived, enough to peek at the first words of a query); `on_message(tag, whole_message)` sees inspected
     /// messages. Bytes of an incomplete header or of an incomplete inspected message stay
     /// unforwarded for the next call.
     pub fn scan<E>(
         &mut self,
         buf: &[u8],
-        mut classify: impl FnMut(u8, usize) -> Result<Handling, E>,
+        mut classify: impl FnMut(u8, usize, &[u8]) -> Result<Handling, E>,
         mut on_message: impl FnMut(u8, &[u8]) -> Result<Flow, E>,
     ) -> Result<Scanned, E> {
         let mut pos = 0;
@@ -96,7 +105,8 @@ impl Framer {
             }
             let tag = rest[0];
             let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            match classify(tag, len)? {
+            let body_end = rest.len().min((1 + len).max(HEADER_LEN));
+            match classify(tag, len, &rest[HEADER_LEN..body_end])? {
                 Handling::Stream => {
                     pos += HEADER_LEN;
                     self.body_left = len - 4;
@@ -196,7 +206,7 @@ mod tests {
             let s = framer
                 .scan(
                     &pending,
-                    |tag, _| {
+                    |tag, _, _| {
                         Ok::<_, ()>(if tag == b'Z' {
                             Handling::Inspect
                         } else {
@@ -242,7 +252,7 @@ mod tests {
         let s = framer
             .scan(
                 &stream,
-                |_, _| Ok::<_, ()>(Handling::Inspect),
+                |_, _, _| Ok::<_, ()>(Handling::Inspect),
                 |tag, _| {
                     Ok(if tag == b'X' {
                         Flow::Stop
@@ -262,7 +272,7 @@ mod tests {
         let mut framer = Framer::default();
         let r = framer.scan(
             &stream,
-            |tag, len| check_frontend_header(tag, len, 1024).map(|_| Handling::Stream),
+            |tag, len, _| check_frontend_header(tag, len, 1024).map(|_| Handling::Stream),
             |_, _| Ok(Flow::Forward),
         );
         assert!(matches!(r, Err(FrameError::UnknownTag { tag: b'!', .. })));
@@ -338,7 +348,7 @@ mod tests {
                     pending.extend_from_slice(piece);
                     let s = framer.scan(
                         &pending,
-                        |tag, len| {
+                        |tag, len, _| {
                             check_frontend_header(tag, len, 1 << 20)?;
                             Ok(if tag == b'X' || tag == b'S' { Handling::Inspect } else { Handling::Stream })
                         },
@@ -366,7 +376,7 @@ mod tests {
                     pending.extend_from_slice(piece);
                     match framer.scan(
                         &pending,
-                        |tag, len| check_frontend_header(tag, len, 4096).map(|_| Handling::Stream),
+                        |tag, len, _| check_frontend_header(tag, len, 4096).map(|_| Handling::Stream),
                         |_, _| Ok(Flow::Forward),
                     ) {
                         Ok(s) => {

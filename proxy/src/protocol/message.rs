@@ -125,6 +125,31 @@ pub fn ready_for_query(out: &mut BytesMut, status: TxStatus) {
     put_message(out, b'Z', |b| b.put_u8(status.byte()));
 }
 
+pub fn parse_complete(out: &mut BytesMut) {
+    put_message(out, b'1', |_| {});
+}
+
+pub fn bind_complete(out: &mut BytesMut) {
+    put_message(out, b'2', |_| {});
+}
+
+pub fn close_complete(out: &mut BytesMut) {
+    put_message(out, b'3', |_| {});
+}
+
+pub fn no_data(out: &mut BytesMut) {
+    put_message(out, b'n', |_| {});
+}
+
+/// ParameterDescription of a statement without parameters.
+pub fn parameter_description_none(out: &mut BytesMut) {
+    put_message(out, b't', |b| b.put_u16(0));
+}
+
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    put_message(out, b'C', |b| put_cstr(b, tag));
+}
+
 /// NegotiateProtocolVersion: the newest minor version graywire speaks and the `_pq_.` options
 /// it did not recognise.
 pub fn negotiate_protocol_version(out: &mut BytesMut, minor: u32, unrecognized: &[String]) {

@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod message;
 pub mod scram;
+pub mod sqltext;
 pub mod sqlstate;
 pub mod startup;
 

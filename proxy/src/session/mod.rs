@@ -17,6 +17,9 @@
 //! Opening and Authenticating together are bounded by `listener.auth_timeout`.
 
 mod auth;
+mod failover;
+mod local;
+mod migrate;
 mod relay;
 mod startup;
 
@@ -24,27 +27,35 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, field, info_span, warn, Instrument, Span};
+use tokio::sync::watch;
+use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
 use crate::backend::{self, BackendConn};
 use crate::cancel::{CancelHandle, CancelOutcome};
-use crate::config::{Config, UserConfig};
+use crate::config::{Config, NodeConfig, Target, UserConfig};
 use crate::context::{Context, SessionSlot};
-use crate::error::SessionError;
+use crate::error::{BackendError, RequestError, SessionError};
 use crate::health;
+use crate::load::Binding;
 use crate::metrics as m;
-use crate::protocol::message;
+use crate::protocol::message::{self, TxStatus};
 use crate::protocol::startup::StartupParams;
 use crate::router;
-use crate::topology::NodeName;
+use crate::topology::{AdminState, Health, NodeName, Snapshot};
 
-pub use relay::{RelayEnd, Tracker};
+use local::Answer;
+use migrate::Captured;
+pub use relay::{BoundaryWatch, Pipes, RelayEnd, Tracker};
 use startup::Opening;
 
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a pinned session on a node it should leave looks whether it may move now.
+const PINNED_RECHECK: Duration = Duration::from_secs(1);
+/// Pause between attempts to attach to a node that could not take the session.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Serves one client connection until it closes. Never panics on client input; every failure
 /// ends only this session.
@@ -111,14 +122,17 @@ async fn run(
     let Some((params, user, _slot)) = opened else {
         return Ok("cancel");
     };
+    let target = router::session_target(&config.routing, user, &params);
+    let mut changes = ctx.topology.subscribe();
+    changes.mark_unchanged();
 
-    let mut backend = connect_backend(ctx, &config, user, &params)
+    let mut backend = connect_first(ctx, &config, user, target, &params)
         .instrument(span.clone())
         .await?;
     span.record("node", backend.node.as_str());
     let cancel = ctx.cancels.register();
     cancel.set_target(Some(backend.cancel_target()));
-    let _bound = NodeBinding::new(&backend.node);
+    let binding = ctx.loads.bind(&backend.node);
 
     let mut greeting = BytesMut::with_capacity(backend.greeting.len() + 64);
     message::authentication_ok(&mut greeting);
@@ -131,43 +145,459 @@ async fn run(
         .await
         .map_err(SessionError::ClientGone)?;
 
-    let mut tracker = Tracker::new(
+    let tracker = Tracker::new(
         std::mem::take(&mut backend.parameters),
         backend.status,
         config.listener.max_message_size,
     );
-    let end = relay::run(client, &mut backend.stream, &mut tracker, &ctx.shutdown).await;
-    tracker.publish_bytes();
-    match end {
-        Ok(RelayEnd::ClientClosed) | Ok(RelayEnd::ClientTerminated) => {
-            close_backend(backend, &tracker, &cancel)
-                .instrument(span.clone())
-                .await;
-            Ok("session")
-        }
-        Ok(RelayEnd::Shutdown) => {
-            close_backend(backend, &tracker, &cancel)
-                .instrument(span.clone())
-                .await;
-            Err(SessionError::Shutdown)
-        }
-        Ok(RelayEnd::BackendClosed(reason)) => {
-            if tracker.node_said_fatal {
-                // The node told the client why itself (e.g. pg_terminate_backend).
+    let mut pipes = Pipes::default();
+    pipes.down.buf = std::mem::take(&mut backend.leftover);
+    let mut session = Session {
+        ctx,
+        config: config.clone(),
+        client,
+        span,
+        user: user.clone(),
+        params,
+        target,
+        cancel,
+        tracker,
+        pipes,
+        attached: Some(Attached {
+            conn: backend,
+            binding,
+        }),
+        settings: Vec::new(),
+        changes,
+        recheck_at: None,
+    };
+    let result = session.serve().await;
+    session.tracker.publish_bytes();
+    result
+}
+
+/// A backend connection the session runs on, counted against its node.
+struct Attached {
+    conn: BackendConn,
+    binding: Binding,
+}
+
+/// One authenticated session: the client connection and, while it has one, its backend
+/// connection. Everything here outlives a backend connection.
+struct Session<'a> {
+    ctx: &'a Arc<Context>,
+    config: Arc<Config>,
+    client: &'a mut TcpStream,
+    span: &'a Span,
+    user: UserConfig,
+    params: StartupParams,
+    target: Target,
+    cancel: CancelHandle,
+    tracker: Tracker,
+    pipes: Pipes,
+    attached: Option<Attached>,
+    /// Session settings captured from the last backend connection, replayed on the next.
+    settings: Vec<(String, String)>,
+    changes: watch::Receiver<u64>,
+    /// A pinned session on a node it should leave looks again at its first boundary after this.
+    recheck_at: Option<tokio::time::Instant>,
+}
+
+/// How a migration or failover is labelled in metrics.
+fn leave_reason(snapshot: &Snapshot, node: &NodeName) -> &'static str {
+    match snapshot.node(node) {
+        None => "removed",
+        Some(n) if n.health != Health::Up => "node_down",
+        Some(n) if n.admin != AdminState::Active => "drain",
+        Some(_) => "role_change",
+    }
+}
+
+impl Session<'_> {
+    /// The loop of the state machine: relay while attached, decide at boundaries, answer
+    /// locally or attach when detached.
+    async fn serve(&mut self) -> Result<&'static str, SessionError> {
+        loop {
+            if self.attached.is_some() {
+                if let Some(label) = self.relay().await? {
+                    return Ok(label);
+                }
+                continue;
+            }
+            // Detached: wait for the client's next request.
+            if self.pipes.up.buf.is_empty() && !self.wait_for_client().await? {
                 return Ok("session");
             }
-            Err(SessionError::BackendLost {
-                node: backend.node.clone(),
-                reason,
-            })
-        }
-        Err(e) => {
-            close_backend(backend, &tracker, &cancel)
-                .instrument(span.clone())
-                .await;
-            Err(e)
+            if self.tracker.status != TxStatus::Idle {
+                // The transaction died with its backend: answer until the client ends it.
+                if self.answer_locally(Answer::Aborted).await? {
+                    return Ok("session");
+                }
+                continue;
+            }
+            if self.pipes.up.buf[0] == b'X' {
+                return Ok("session");
+            }
+            if let Err(e) = self.attach_for_request().await {
+                if self.answer_locally(Answer::Refuse(e)).await? {
+                    return Ok("session");
+                }
+            }
         }
     }
+
+    /// Relays until something needs deciding. `Some(label)` when the session ends normally.
+    async fn relay(&mut self) -> Result<Option<&'static str>, SessionError> {
+        let Some(a) = self.attached.as_mut() else {
+            return Ok(None);
+        };
+        let paused = self.ctx.topology.load().paused;
+        let end = relay::run(
+            self.client,
+            &mut a.conn.stream,
+            &mut self.tracker,
+            &mut self.pipes,
+            &self.ctx.shutdown,
+            BoundaryWatch {
+                changes: &mut self.changes,
+                hold_requests: paused,
+                recheck_at: self.recheck_at,
+            },
+        )
+        .await;
+        match end {
+            Ok(RelayEnd::ClientClosed) | Ok(RelayEnd::ClientTerminated) => {
+                self.close_backend().await;
+                Ok(Some("session"))
+            }
+            Ok(RelayEnd::Shutdown) => {
+                self.close_backend().await;
+                Err(SessionError::Shutdown)
+            }
+            Ok(RelayEnd::BackendClosed(reason)) => self.backend_lost(reason).await.map(|()| None),
+            Ok(RelayEnd::Boundary) => self.at_boundary().await.map(|()| None),
+            Err(e) => {
+                self.close_backend().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// At a transaction boundary with a backend: capture changed settings, leave a node that
+    /// no longer fits, hold a request while paused.
+    async fn at_boundary(&mut self) -> Result<(), SessionError> {
+        let snapshot = self.ctx.topology.load();
+        self.changes.mark_unchanged();
+        let Some(node) = self.attached.as_ref().map(|a| a.conn.node.clone()) else {
+            return Ok(());
+        };
+        let routing = &self.config.routing;
+        let fits = router::fits(&snapshot, &node, self.target, routing);
+        let recheck_due = self
+            .recheck_at
+            .is_some_and(|t| t <= tokio::time::Instant::now());
+        if self.tracker.settings_dirty || !fits || recheck_due {
+            self.tracker.settings_dirty = false;
+            let Some(captured) = self.capture().await? else {
+                return Ok(());
+            };
+            self.settings = captured.settings;
+            if !fits {
+                self.leave(&snapshot, &node, captured.pins).await;
+            } else if let Some(a) = self.attached.as_mut() {
+                a.binding.set_pinned(false);
+                self.recheck_at = None;
+            }
+        }
+        if snapshot.paused && !self.pipes.up.buf.is_empty() {
+            // Paused: the client's next transaction waits here, its connection untouched.
+            let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
+            let held = router::hold(&self.ctx.topology, deadline, |s| (!s.paused).then_some(())).await;
+            if let Err(SessionError::NoPrimary(waited)) = held {
+                if self.answer_locally(Answer::Refuse(RequestError::NoNode(waited))).await? {
+                    return Err(SessionError::ClientGone(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the current backend for the session's state. `None` if it died meanwhile (already
+    /// handled as a lost backend).
+    async fn capture(&mut self) -> Result<Option<Captured>, SessionError> {
+        let Some(a) = self.attached.as_mut() else {
+            return Ok(None);
+        };
+        let mut request = BytesMut::new();
+        message_query(&mut request, migrate::CAPTURE_SQL);
+        let reply = backend::exchange(
+            &a.conn.node,
+            &mut a.conn.stream,
+            &mut self.pipes.down.buf,
+            &request,
+            1,
+            self.config.backend_connect_timeout,
+        )
+        .await;
+        match reply {
+            Ok(x) => {
+                if !x.notifications.is_empty() {
+                    self.client
+                        .write_all(&x.notifications)
+                        .await
+                        .map_err(SessionError::ClientGone)?;
+                }
+                if let Some((code, msg)) = x.errors.first() {
+                    warn!(parent: self.span, sqlstate = %code, error = %msg, "could not read the session's state; it stays where it is");
+                    return Ok(None);
+                }
+                let mut captured = Captured::from_rows(&x.rows);
+                // Statements the client defined that exist on the backend right now.
+                self.tracker
+                    .statements
+                    .retain(|name, _| captured.statements.contains(name));
+                captured.statements.clear();
+                Ok(Some(captured))
+            }
+            Err(e) => {
+                self.backend_lost(e.to_string()).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Leaves the node at this boundary unless the session is pinned to it.
+    async fn leave(&mut self, snapshot: &Snapshot, node: &NodeName, pins: Vec<String>) {
+        let span = self.span;
+        let reason = leave_reason(snapshot, node);
+        if !pins.is_empty() {
+            let Some(a) = self.attached.as_mut() else {
+                return;
+            };
+            if !a.binding.is_pinned() {
+                for p in &pins {
+                    if let Some(state) = migrate::PIN_STATES.iter().find(|s| *s == p) {
+                        metrics::counter!(m::PINNED_TOTAL, "state" => *state).increment(1);
+                    }
+                }
+                info!(parent: span, %node, state = ?pins, "session is pinned: it holds state that cannot move");
+            }
+            a.binding.set_pinned(true);
+            self.recheck_at = Some(tokio::time::Instant::now() + PINNED_RECHECK);
+            return;
+        }
+        self.recheck_at = None;
+        metrics::counter!(m::MIGRATIONS_TOTAL, "reason" => reason).increment(1);
+        debug!(parent: self.span, %node, reason, "leaving the node at a transaction boundary");
+        self.close_backend().await;
+    }
+
+    /// The backend connection died or the node is going away.
+    async fn backend_lost(&mut self, reason: String) -> Result<(), SessionError> {
+        let span = self.span;
+        let Some(a) = self.attached.take() else {
+            return Ok(());
+        };
+        let node = a.conn.node.clone();
+        self.cancel.set_target(None);
+        health::passive_failure(self.ctx, &node, &reason);
+        drop(a);
+        let t = &mut self.tracker;
+        if t.node_said_fatal {
+            // The node told the client why itself (e.g. a FATAL error of its own).
+            return Err(SessionError::NodeEnded);
+        }
+        if !t.backend_at_message_start() || t.in_copy {
+            // Mid-message or mid-COPY: nothing graywire could add would make sense.
+            return Err(SessionError::BackendLost { node, reason });
+        }
+        // Deliver whole node messages already scanned, drop the rest of the node's bytes and
+        // the client's bytes that belonged to the failed requests.
+        let down = &mut self.pipes.down;
+        down.buf.truncate(down.ready);
+        down.flush_all_to(self.client).await.map_err(SessionError::ClientGone)?;
+        down.buf.clear();
+        let up = &mut self.pipes.up;
+        up.buf.advance(up.ready);
+        up.ready = 0;
+
+        let answer = failover::answer_in_flight(t, &node, &reason);
+        let mut out = answer.bytes;
+        if answer.requests > 0 {
+            warn!(parent: span, %node, %reason, requests = answer.requests, sqlstate = answer.sqlstate, "backend connection lost under a request; answered it and kept the session");
+            metrics::counter!(m::FAILOVERS_TOTAL, "sqlstate" => answer.sqlstate).increment(answer.requests as u64);
+        } else {
+            debug!(parent: span, %node, %reason, "backend connection lost between transactions");
+        }
+        let skip = t.open_extended;
+        t.reset_backend_side();
+        t.status = answer.status;
+        self.client
+            .write_all(&out)
+            .await
+            .map_err(SessionError::ClientGone)?;
+        out.clear();
+        if skip && self.answer_locally(Answer::SkipToSync).await? {
+            return Err(SessionError::ClientGone(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Answers the client's next request without a backend. True when the client left.
+    async fn answer_locally(&mut self, answer: Answer) -> Result<bool, SessionError> {
+        let outcome = local::answer_request(
+            self.client,
+            &mut self.pipes.up,
+            &mut self.tracker,
+            self.config.listener.max_message_size,
+            answer,
+        )
+        .await?;
+        Ok(outcome != local::Outcome::Answered)
+    }
+
+    /// Waits for client bytes while detached. False when the client closed.
+    async fn wait_for_client(&mut self) -> Result<bool, SessionError> {
+        let up = &mut self.pipes.up;
+        up.make_room();
+        let soft = self.ctx.shutdown.soft.clone();
+        tokio::select! {
+            r = self.client.read_buf(&mut up.buf) => {
+                Ok(r.map_err(SessionError::ClientGone)? > 0)
+            }
+            _ = soft.cancelled() => Err(SessionError::Shutdown),
+        }
+    }
+
+    /// Holds the client's request until a node fits, then attaches to it and replays the
+    /// session's state there.
+    async fn attach_for_request(&mut self) -> Result<(), RequestError> {
+        let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
+        let started = tokio::time::Instant::now();
+        loop {
+            let routing = &self.config.routing;
+            let loads = &self.ctx.loads;
+            let target = self.target;
+            let node = router::hold(&self.ctx.topology, deadline, |snap| {
+                if snap.paused {
+                    return None;
+                }
+                router::choose(snap, target, routing, loads).cloned()
+            })
+            .await
+            .map_err(|_| RequestError::NoNode(started.elapsed()))?;
+            match self.attach(&node).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_node_failure() || is_transient_refusal(&e) => {
+                    health::passive_failure(self.ctx, &node.name, &e.to_string());
+                    debug!(parent: self.span, node = %node.name, error = %e, "node could not take the session yet");
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(RequestError::NoNode(started.elapsed()));
+                    }
+                    // Let the health checker catch up before asking again.
+                    tokio::time::sleep(RETRY_PAUSE.min(deadline - tokio::time::Instant::now())).await;
+                }
+                Err(e) => {
+                    return Err(RequestError::NodeRefused {
+                        node: node.name.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Opens a backend connection to `node` and rebuilds the session there.
+    async fn attach(&mut self, node: &NodeConfig) -> Result<(), BackendError> {
+        let creds = self.config.backend_credentials(&self.user);
+        let mut conn = backend::connect(
+            node,
+            creds,
+            &self.params.params,
+            self.config.backend_connect_timeout,
+            &self.ctx.scram_keys,
+        )
+        .await?;
+        let (request, ready) = migrate::replay_request(&self.settings, &self.tracker.statements);
+        let mut parameters = std::mem::take(&mut conn.parameters);
+        if ready > 0 {
+            let reply = backend::exchange(
+                &conn.node,
+                &mut conn.stream,
+                &mut conn.leftover,
+                &request,
+                ready,
+                self.config.backend_connect_timeout,
+            )
+            .await?;
+            for (code, msg) in &reply.errors {
+                warn!(parent: self.span, node = %conn.node, sqlstate = %code, error = %msg, "could not replay part of the session's state");
+            }
+            for (k, v) in reply.parameters {
+                relay::set_parameter(&mut parameters, &k, &v);
+            }
+        }
+        // Tell the client what differs on the new node (server_version after an upgrade,
+        // in_hot_standby, …), as a node reports a changed parameter.
+        let mut out = BytesMut::new();
+        for (k, v) in &parameters {
+            let known = self.tracker.parameters.iter().find(|(name, _)| name == k);
+            if known.is_none_or(|(_, old)| old != v) {
+                message::parameter_status(&mut out, k, v);
+                relay::set_parameter(&mut self.tracker.parameters, k, v);
+            }
+        }
+        if !out.is_empty() {
+            if let Err(e) = self.client.write_all(&out).await {
+                backend::terminate(conn.stream).await;
+                return Err(BackendError::Connect {
+                    node: node.name.clone(),
+                    source: e,
+                });
+            }
+        }
+        self.cancel.set_target(Some(conn.cancel_target()));
+        self.span.record("node", conn.node.as_str());
+        self.tracker.reset_backend_side();
+        self.pipes.down.buf = std::mem::take(&mut conn.leftover);
+        self.pipes.down.ready = 0;
+        let binding = self.ctx.loads.bind(&conn.node);
+        debug!(parent: self.span, node = %conn.node, "session attached");
+        self.attached = Some(Attached { conn, binding });
+        Ok(())
+    }
+
+    /// Ends the backend connection so that nothing of the session survives on the node: a
+    /// query still running is cancelled; closing the connection rolls back an open transaction.
+    async fn close_backend(&mut self) {
+        let Some(a) = self.attached.take() else {
+            return;
+        };
+        if self.tracker.unanswered > 0 {
+            if let Some(target) = self.cancel.target() {
+                if let Err(e) = crate::cancel::send_cancel(&target, CANCEL_TIMEOUT).await {
+                    warn!(parent: self.span, error = %e, "could not cancel the query of a closed session");
+                }
+            }
+        }
+        self.cancel.set_target(None);
+        let Attached { conn, binding } = a;
+        backend::terminate(conn.stream).await;
+        drop(binding);
+    }
+}
+
+/// A node that is starting up, shutting down or in recovery refuses with class 57; the session
+/// waits for it (or another) rather than failing.
+fn is_transient_refusal(e: &BackendError) -> bool {
+    matches!(e, BackendError::Refused { sqlstate, .. } if sqlstate.starts_with("57"))
+}
+
+fn message_query(out: &mut BytesMut, sql: &str) {
+    // The capture query is a constant without NUL bytes.
+    let _ = postgres_protocol::message::frontend::query(sql, out);
 }
 
 /// Opening and authentication. `None` for a CancelRequest (already handled).
@@ -205,15 +635,18 @@ async fn open_and_authenticate<'c>(
     Ok(Some((params, user, slot)))
 }
 
-/// Holds until a primary is known, then opens the backend connection; a node that cannot be
-/// reached counts as a failed health check.
-async fn connect_backend(
+/// Holds until a node fits the session, then opens its first backend connection; a node
+/// that cannot be reached counts as a failed health check.
+async fn connect_first(
     ctx: &Arc<Context>,
     config: &Config,
     user: &UserConfig,
+    target: Target,
     params: &StartupParams,
 ) -> Result<BackendConn, SessionError> {
-    let node = router::wait_for_primary(&ctx.topology, config.hold_timeout).await?;
+    let node =
+        router::wait_for_node(&ctx.topology, target, &config.routing, &ctx.loads, config.hold_timeout)
+            .await?;
     let creds = config.backend_credentials(user);
     let timeout = config.backend_connect_timeout;
     match backend::connect(&node, creds, &params.params, timeout, &ctx.scram_keys).await {
@@ -224,39 +657,5 @@ async fn connect_backend(
             }
             Err(e.into())
         }
-    }
-}
-
-/// Ends a backend connection so that nothing of the session survives on the node: a query
-/// still running is cancelled; closing the connection rolls back an open transaction.
-async fn close_backend(backend: BackendConn, tracker: &Tracker, cancel: &CancelHandle) {
-    if tracker.unanswered > 0 {
-        if let Some(target) = cancel.target() {
-            if let Err(e) = crate::cancel::send_cancel(&target, CANCEL_TIMEOUT).await {
-                warn!(error = %e, "could not cancel the query of a closed session");
-            }
-        }
-    }
-    cancel.set_target(None);
-    backend::terminate(backend.stream).await;
-}
-
-/// Counts a session and its backend connection against a node while it lives.
-struct NodeBinding {
-    node: NodeName,
-}
-
-impl NodeBinding {
-    fn new(node: &NodeName) -> Self {
-        metrics::gauge!(m::NODE_SESSIONS, "node" => node.to_string()).increment(1.0);
-        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => node.to_string()).increment(1.0);
-        NodeBinding { node: node.clone() }
-    }
-}
-
-impl Drop for NodeBinding {
-    fn drop(&mut self) {
-        metrics::gauge!(m::NODE_SESSIONS, "node" => self.node.to_string()).decrement(1.0);
-        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => self.node.to_string()).decrement(1.0);
     }
 }

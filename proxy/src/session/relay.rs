@@ -5,17 +5,23 @@
 //! whole scanned run goes out in one write. Each direction has its own buffer and waits only on
 //! its own sockets, so a slow reader on one side never stalls the other direction.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::sync::watch;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 
 use crate::error::SessionError;
 use crate::metrics as m;
-use crate::protocol::frame::{check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned};
+use crate::protocol::frame::{
+    check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned, HEADER_LEN,
+};
+use crate::protocol::sqltext::{leading_command, Command};
 use crate::protocol::message::TxStatus;
 use crate::shutdown::Shutdown;
 
@@ -32,10 +38,34 @@ pub enum RelayEnd {
     ClientClosed,
     /// The client sent Terminate.
     ClientTerminated,
-    /// The backend connection ended or failed.
+    /// The backend connection ended or failed, or the node said it is shutting down (that
+    /// FATAL is not passed on: the session outlives its backend connection).
     BackendClosed(String),
     /// graywire is shutting down and the session is at a boundary (or the hard deadline hit).
     Shutdown,
+    /// The session is at a transaction boundary and has something to decide there: the
+    /// topology changed, a setting may have changed, a pinned session's recheck is due, or new
+    /// transactions are held. Client bytes that arrived stay unscanned in the up pipe.
+    Boundary,
+}
+
+/// A protocol-level prepared statement as the client defined it, kept to re-prepare it on
+/// another backend connection.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    /// The client's Parse message, whole.
+    pub parse: Bytes,
+    pub command: Command,
+}
+
+/// What the request in flight (since the last ReadyForQuery) contains, for answering it if
+/// its backend dies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub commit: bool,
+    pub rollback: bool,
+    /// The request used the extended protocol (its replies need more than CommandComplete).
+    pub extended: bool,
 }
 
 /// Protocol facts the session learns from the messages passing through.
@@ -43,12 +73,23 @@ pub struct Tracker {
     pub status: TxStatus,
     /// Query, Sync and FunctionCall messages forwarded and not yet answered by ReadyForQuery.
     pub unanswered: u32,
+    /// Extended-protocol messages were forwarded after the last Sync.
+    pub open_extended: bool,
+    pub in_flight: InFlight,
+    /// The node is in a COPY started by the current request.
+    pub in_copy: bool,
+    /// A statement that may change a session setting ran; capture settings at the boundary.
+    pub settings_dirty: bool,
     /// The latest value of every parameter the node reported.
     pub parameters: Vec<(String, String)>,
+    /// Named protocol-level prepared statements the client defined.
+    pub statements: HashMap<String, Statement>,
     /// The last ErrorResponse from the node was FATAL (the node ends the connection itself).
     pub node_said_fatal: bool,
+    /// The node's FATAL shutdown message, withheld from the client.
+    pub node_shutting_down: Option<String>,
     request_started: Option<Instant>,
-    frontend: Framer,
+    pub(super) frontend: Framer,
     backend: Framer,
     max_message_size: usize,
     query_duration: metrics::Histogram,
@@ -69,8 +110,14 @@ impl Tracker {
         Tracker {
             status,
             unanswered: 0,
+            open_extended: false,
+            in_flight: InFlight::default(),
+            in_copy: false,
+            settings_dirty: false,
             parameters,
+            statements: HashMap::new(),
             node_said_fatal: false,
+            node_shutting_down: None,
             request_started: None,
             frontend: Framer::default(),
             backend: Framer::default(),
@@ -107,58 +154,184 @@ impl Tracker {
 
     /// A transaction boundary with nothing in flight in either direction.
     pub fn at_boundary(&self) -> bool {
-        self.status == TxStatus::Idle
-            && self.unanswered == 0
+        self.status == TxStatus::Idle && self.between_requests()
+    }
+
+    /// Nothing in flight in either direction (the transaction may still be open).
+    pub fn between_requests(&self) -> bool {
+        self.unanswered == 0
+            && !self.open_extended
             && self.frontend.at_message_start()
             && self.backend.at_message_start()
     }
 
-    /// Scans client bytes: validates every header, counts requests, stops at Terminate.
-    fn scan_frontend(&mut self, buf: &[u8]) -> Result<Scanned, SessionError> {
+    /// The node stream stands between messages (graywire may write its own to the client).
+    pub fn backend_at_message_start(&self) -> bool {
+        self.backend.at_message_start()
+    }
+
+    /// Forgets what the dead backend connection was doing, after graywire answered for it.
+    pub fn reset_backend_side(&mut self) {
+        self.backend = Framer::default();
+        self.unanswered = 0;
+        self.open_extended = false;
+        self.in_flight = InFlight::default();
+        self.in_copy = false;
+        self.node_said_fatal = false;
+        self.node_shutting_down = None;
+        self.request_started = None;
+    }
+
+    /// A request begins (Query, Sync or FunctionCall forwarded).
+    fn request(&mut self) {
+        if self.unanswered == 0 {
+            self.request_started = Some(Instant::now());
+        }
+        self.unanswered += 1;
+    }
+
+    fn note_command(&mut self, command: Command) {
+        match command {
+            Command::SessionSetting => self.settings_dirty = true,
+            Command::Commit => self.in_flight.commit = true,
+            Command::Rollback => self.in_flight.rollback = true,
+            Command::Discard => {
+                self.statements.clear();
+                // DISCARD ALL also resets settings.
+                self.settings_dirty = true;
+            }
+            Command::Other => {}
+        }
+    }
+
+    /// Records a Parse (named statements are kept to re-prepare them elsewhere).
+    fn on_parse(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let bad = || SessionError::Protocol("malformed Parse message".into());
+        let (name, rest) = read_cstr(&msg[HEADER_LEN..]).ok_or_else(bad)?;
+        let command = leading_command(rest);
+        self.note_command(command);
+        if !name.is_empty() {
+            self.statements.insert(
+                name.to_owned(),
+                Statement {
+                    parse: Bytes::copy_from_slice(msg),
+                    command,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Records a Close of a named statement.
+    fn on_close(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let body = &msg[HEADER_LEN..];
+        let bad = || SessionError::Protocol("malformed Close message".into());
+        let (&kind, rest) = body.split_first().ok_or_else(bad)?;
+        let (name, _) = read_cstr(rest).ok_or_else(bad)?;
+        if kind == b'S' {
+            self.statements.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Scans client bytes: validates every header, counts requests, watches statements, stops
+    /// at Terminate.
+    pub(super) fn scan_frontend(&mut self, buf: &[u8]) -> Result<Scanned, SessionError> {
+        let mut framer = std::mem::take(&mut self.frontend);
         let max = self.max_message_size;
-        let unanswered = &mut self.unanswered;
-        let started = &mut self.request_started;
-        self.frontend.scan(
+        // Both callbacks update the tracker; they never run at the same time.
+        let this = RefCell::new(&mut *self);
+        let result = framer.scan(
             buf,
-            |tag, len| {
+            |tag, len, body| {
                 check_frontend_header(tag, len, max)?;
+                let mut this = this.borrow_mut();
+                // Each header is classified exactly once, so counting here is exact.
                 Ok(match tag {
-                    b'X' => Handling::Inspect,
-                    b'Q' | b'S' | b'F' => {
-                        // Counted here, once: streamed headers are classified exactly once.
-                        if *unanswered == 0 {
-                            *started = Some(Instant::now());
+                    b'X' | b'P' | b'C' => Handling::Inspect,
+                    b'Q' => {
+                        this.note_command(leading_command(body));
+                        this.request();
+                        Handling::Stream
+                    }
+                    b'S' => {
+                        this.open_extended = false;
+                        this.request();
+                        Handling::Stream
+                    }
+                    b'F' => {
+                        this.request();
+                        Handling::Stream
+                    }
+                    b'B' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        // Bind: portal name, then statement name.
+                        let command = read_cstr(body)
+                            .and_then(|(_, rest)| read_cstr(rest))
+                            .and_then(|(name, _)| this.statements.get(name))
+                            .map(|s| s.command);
+                        if let Some(c) = command {
+                            this.note_command(c);
                         }
-                        *unanswered += 1;
+                        Handling::Stream
+                    }
+                    b'D' | b'E' | b'H' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
                         Handling::Stream
                     }
                     _ => Handling::Stream,
                 })
             },
-            |_tag, _msg| Ok::<_, SessionError>(Flow::Stop),
-        )
+            |tag, msg| {
+                let mut this = this.borrow_mut();
+                match tag {
+                    b'P' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        this.on_parse(msg)?;
+                    }
+                    b'C' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        this.on_close(msg)?;
+                    }
+                    _ => return Ok::<_, SessionError>(Flow::Stop),
+                }
+                Ok(Flow::Forward)
+            },
+        );
+        self.frontend = framer;
+        result
     }
 
-    /// Scans node bytes: transaction status, parameter changes, errors.
+    /// Scans node bytes: transaction status, parameter changes, errors, COPY.
     fn scan_backend(&mut self, buf: &[u8]) -> Scanned {
         let mut framer = std::mem::take(&mut self.backend);
+        let this = RefCell::new(&mut *self);
         let result = framer.scan(
             buf,
-            |tag, len| {
+            |tag, len, _| {
                 if len < 4 {
                     return Err(());
                 }
                 Ok(match tag {
                     b'Z' | b'S' | b'E' => Handling::Inspect,
+                    b'G' | b'H' | b'W' => {
+                        this.borrow_mut().in_copy = true;
+                        Handling::Stream
+                    }
                     _ => Handling::Stream,
                 })
             },
             |tag, msg| {
-                let body = &msg[5..];
+                let mut this = this.borrow_mut();
+                let body = &msg[HEADER_LEN..];
                 match tag {
-                    b'Z' => self.on_ready_for_query(body),
-                    b'S' => self.on_parameter_status(body),
-                    b'E' => self.on_error(body),
+                    b'Z' => this.on_ready_for_query(body),
+                    b'S' => this.on_parameter_status(body),
+                    b'E' => return Ok(this.on_error(body)),
                     _ => {}
                 }
                 Ok(Flow::Forward)
@@ -177,54 +350,85 @@ impl Tracker {
         if let Some(s) = body.first().copied().and_then(TxStatus::from_byte) {
             self.status = s;
         }
+        self.in_copy = false;
         self.unanswered = self.unanswered.saturating_sub(1);
         if self.unanswered == 0 {
+            self.in_flight = InFlight::default();
             if let Some(t) = self.request_started.take() {
                 self.query_duration.record(t.elapsed().as_secs_f64());
             }
         }
     }
 
-    fn on_parameter_status(&mut self, body: &[u8]) {
+    pub(super) fn on_parameter_status(&mut self, body: &[u8]) {
         let Some((name, rest)) = read_cstr(body) else {
             return;
         };
         let Some((value, _)) = read_cstr(rest) else {
             return;
         };
-        match self.parameters.iter_mut().find(|(k, _)| k == name) {
-            Some(slot) => slot.1 = value.to_owned(),
-            None => self.parameters.push((name.to_owned(), value.to_owned())),
-        }
+        set_parameter(&mut self.parameters, name, value);
     }
 
-    fn on_error(&mut self, mut body: &[u8]) {
-        let mut sqlstate = "";
+    /// Counts the error; a FATAL that says the node is going away (57P01 admin shutdown,
+    /// 57P02 crash shutdown, 57P03 cannot connect now) is withheld: the session will go on
+    /// on another backend connection.
+    fn on_error(&mut self, body: &[u8]) -> Flow {
+        let mut fields = body;
         let mut fatal = false;
-        while let Some((&field, rest)) = body.split_first() {
+        while let Some((&field, rest)) = fields.split_first() {
             if field == 0 {
                 break;
             }
             let Some((value, rest)) = read_cstr(rest) else {
                 break;
             };
-            match field {
-                b'C' => sqlstate = value,
-                b'V' => fatal = value == "FATAL" || value == "PANIC",
-                _ => {}
+            if field == b'V' {
+                fatal = value == "FATAL" || value == "PANIC";
             }
-            body = rest;
+            fields = rest;
+        }
+        let (sqlstate, message) = crate::backend::error_fields(body);
+        if fatal && matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03") {
+            self.node_shutting_down = Some(format!("{message} ({sqlstate})"));
+            return Flow::Stop;
         }
         self.node_said_fatal = fatal;
-        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate.to_owned(), "source" => "node")
+        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate, "source" => "node")
             .increment(1);
+        Flow::Forward
     }
 }
 
-/// One direction's bytes: `buf[..ready]` is scanned and waits to be written.
-struct Pipe {
-    buf: BytesMut,
-    ready: usize,
+/// Sets `name` to `value` in a parameter list, adding it if new.
+pub fn set_parameter(list: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match list.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => slot.1 = value.to_owned(),
+        None => list.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+/// One direction's bytes: `buf[..ready]` is scanned and waits to be written; bytes after it
+/// are not scanned yet.
+pub struct Pipe {
+    pub buf: BytesMut,
+    pub ready: usize,
+}
+
+/// Both directions' bytes; they outlive a backend connection, so a session keeps what the
+/// client sent while it moves.
+pub struct Pipes {
+    pub up: Pipe,
+    pub down: Pipe,
+}
+
+impl Default for Pipes {
+    fn default() -> Self {
+        Pipes {
+            up: Pipe::new(),
+            down: Pipe::new(),
+        }
+    }
 }
 
 impl Pipe {
@@ -235,7 +439,7 @@ impl Pipe {
         }
     }
 
-    fn make_room(&mut self) {
+    pub fn make_room(&mut self) {
         if self.buf.capacity() - self.buf.len() < MIN_FREE {
             self.buf.reserve(READ_CHUNK);
         }
@@ -257,8 +461,18 @@ impl Pipe {
         Ok(())
     }
 
-    /// Writes all ready bytes, waiting as needed (used only when the session ends).
-    async fn flush_all(&mut self, w: &WriteHalf<'_>) -> io::Result<()> {
+    /// Writes all ready bytes to a whole stream (when the backend is gone).
+    pub async fn flush_all_to(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        stream.write_all(&self.buf[..self.ready]).await?;
+        self.buf.advance(self.ready);
+        self.ready = 0;
+        Ok(())
+    }
+
+    /// Writes all ready bytes, waiting as needed (when the session ends or graywire writes
+    /// messages of its own after them).
+    pub async fn flush_all(&mut self, w: &WriteHalf<'_>) -> io::Result<()> {
         while self.ready > 0 {
             w.writable().await?;
             self.flush_now(w)?;
@@ -271,30 +485,115 @@ fn lost(e: io::Error) -> RelayEnd {
     RelayEnd::BackendClosed(e.to_string())
 }
 
-/// Relays until one side ends, the client breaks the protocol, or shutdown asks the session
-/// to close at its boundary.
+/// What makes a relay stop at the next transaction boundary.
+pub struct BoundaryWatch<'a> {
+    /// Topology changes; a change not yet seen by this receiver stops the relay at a boundary.
+    pub changes: &'a mut watch::Receiver<u64>,
+    /// New transactions are held (paused): client bytes arriving at a boundary stop the relay.
+    pub hold_requests: bool,
+    /// Stop at the first boundary after this instant (a pinned session's recheck).
+    pub recheck_at: Option<tokio::time::Instant>,
+}
+
+/// Scans client bytes waiting in the up pipe and sends what may go now. `Some` when the
+/// client sent Terminate.
+async fn pass_client_bytes(
+    t: &mut Tracker,
+    up: &mut Pipe,
+    backend_wr: &WriteHalf<'_>,
+) -> Result<Option<RelayEnd>, SessionError> {
+    let scanned = t.scan_frontend(&up.buf)?;
+    up.ready = scanned.forward;
+    if scanned.stopped.is_some() {
+        if let Err(e) = up.flush_all(backend_wr).await {
+            return Ok(Some(lost(e)));
+        }
+        return Ok(Some(RelayEnd::ClientTerminated));
+    }
+    if let Err(e) = up.flush_now(backend_wr) {
+        return Ok(Some(lost(e)));
+    }
+    Ok(None)
+}
+
+/// Scans node bytes waiting in the down pipe and sends what may go now. `Some` when the
+/// node said it is going away.
+async fn pass_node_bytes(
+    t: &mut Tracker,
+    down: &mut Pipe,
+    client_wr: &WriteHalf<'_>,
+) -> Result<Option<RelayEnd>, SessionError> {
+    let scanned = t.scan_backend(&down.buf);
+    down.ready = scanned.forward;
+    if let Some(len) = scanned.stopped {
+        // Deliver everything before the withheld FATAL, drop it and whatever follows.
+        down.flush_all(client_wr).await.map_err(SessionError::ClientGone)?;
+        let _ = len;
+        down.buf.clear();
+        let why = t
+            .node_shutting_down
+            .clone()
+            .unwrap_or_else(|| "the node is shutting down".into());
+        return Ok(Some(RelayEnd::BackendClosed(why)));
+    }
+    down.flush_now(client_wr).map_err(SessionError::ClientGone)?;
+    Ok(None)
+}
+
+/// Relays until one side ends, the client breaks the protocol, shutdown asks the session to
+/// close at its boundary, or `watch` asks it to stop at a boundary.
 pub async fn run(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     t: &mut Tracker,
+    pipes: &mut Pipes,
     shutdown: &Shutdown,
+    watch: BoundaryWatch<'_>,
 ) -> Result<RelayEnd, SessionError> {
     let (mut client_rd, client_wr) = client.split();
     let (mut backend_rd, backend_wr) = backend.split();
-    let mut up = Pipe::new();
-    let mut down = Pipe::new();
+    let Pipes { up, down } = pipes;
     // Made once: each `cancelled()` future registers with the token shared by every session,
     // so re-creating them per iteration would lock that shared list on every round trip.
     let soft = shutdown.soft.cancelled();
     let hard = shutdown.hard.cancelled();
-    tokio::pin!(soft, hard);
+    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
+    let changes = watch.changes;
+    let (hold_requests, recheck_at) = (watch.hold_requests, watch.recheck_at);
+    let recheck = tokio::time::sleep_until(recheck_at.unwrap_or(far));
+    let mut changed = changes.has_changed().unwrap_or(false);
+    let change = changes.changed();
+    tokio::pin!(soft, hard, recheck, change);
+    let mut recheck_due = false;
     // Asked once here; afterwards the pinned futures report it (is_cancelled takes a lock).
     let mut stopping = shutdown.soft.is_cancelled();
     let mut stop_now = shutdown.hard.is_cancelled();
+
+    // Bytes left from before (the client's next request, or the node's after a hand-over).
+    if !down.buf.is_empty() && down.ready == 0 {
+        if let Some(end) = pass_node_bytes(t, down, &client_wr).await? {
+            return Ok(end);
+        }
+    }
+    let holding = |t: &Tracker, changed: bool, recheck_due: bool| {
+        t.at_boundary() && (hold_requests || changed || recheck_due || t.settings_dirty)
+    };
+    if !up.buf.is_empty() && up.ready == 0 && !holding(t, changed, recheck_due) {
+        if let Some(end) = pass_client_bytes(t, up, &backend_wr).await? {
+            return Ok(end);
+        }
+    }
     loop {
         if stop_now || (stopping && t.at_boundary() && up.buf.is_empty()) {
             t.publish_bytes();
             return Ok(RelayEnd::Shutdown);
+        }
+        if up.ready == 0
+            && t.at_boundary()
+            && (changed || recheck_due || t.settings_dirty || (hold_requests && !up.buf.is_empty()))
+        {
+            t.publish_bytes();
+            return Ok(RelayEnd::Boundary);
         }
         up.make_room();
         down.make_room();
@@ -302,22 +601,20 @@ pub async fn run(
             biased;
             _ = &mut hard => stop_now = true,
             _ = &mut soft, if !stopping => stopping = true,
+            _ = &mut change, if !changed => changed = true,
+            _ = &mut recheck, if !recheck_due && recheck_at.is_some() => recheck_due = true,
             r = client_rd.read_buf(&mut up.buf), if up.ready == 0 => {
                 let n = r.map_err(SessionError::ClientGone)?;
                 if n == 0 {
                     return Ok(RelayEnd::ClientClosed);
                 }
                 t.count_up(n);
-                let scanned = t.scan_frontend(&up.buf)?;
-                up.ready = scanned.forward;
-                if scanned.stopped.is_some() {
-                    if let Err(e) = up.flush_all(&backend_wr).await {
-                        return Ok(lost(e));
-                    }
-                    return Ok(RelayEnd::ClientTerminated);
+                if holding(t, changed, recheck_due) {
+                    // Decided at the top of the loop: these bytes wait in the pipe.
+                    continue;
                 }
-                if let Err(e) = up.flush_now(&backend_wr) {
-                    return Ok(lost(e));
+                if let Some(end) = pass_client_bytes(t, up, &backend_wr).await? {
+                    return Ok(end);
                 }
             }
             r = backend_rd.read_buf(&mut down.buf), if down.ready == 0 => {
@@ -327,8 +624,9 @@ pub async fn run(
                     Err(e) => return Ok(lost(e)),
                 };
                 t.count_down(n);
-                down.ready = t.scan_backend(&down.buf).forward;
-                down.flush_now(&client_wr).map_err(SessionError::ClientGone)?;
+                if let Some(end) = pass_node_bytes(t, down, &client_wr).await? {
+                    return Ok(end);
+                }
             }
             r = backend_wr.writable(), if up.ready > 0 => {
                 if let Err(e) = r.and_then(|()| up.flush_now(&backend_wr)) {

@@ -1,0 +1,141 @@
+//! How many sessions, backend connections and pinned sessions each node carries right now.
+//! The router balances read-only sessions by it, a drain waits for it to reach zero, and the
+//! admin API reports it. Counts are kept by RAII guards, so a session that ends any way at all
+//! gives its counts back.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::metrics as m;
+use crate::topology::NodeName;
+
+/// One node's live counts.
+#[derive(Debug, Default)]
+pub struct NodeLoad {
+    sessions: AtomicI64,
+    backend_connections: AtomicI64,
+    pinned: AtomicI64,
+}
+
+/// A copy of one node's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadFigures {
+    pub sessions: i64,
+    pub backend_connections: i64,
+    pub pinned: i64,
+}
+
+impl LoadFigures {
+    /// Nothing of any session remains on the node.
+    pub fn is_empty(&self) -> bool {
+        self.sessions == 0 && self.backend_connections == 0
+    }
+}
+
+/// Counts per node name.
+#[derive(Debug, Default)]
+pub struct NodeLoads {
+    nodes: DashMap<NodeName, Arc<NodeLoad>>,
+}
+
+impl NodeLoads {
+    fn entry(&self, node: &NodeName) -> Arc<NodeLoad> {
+        if let Some(l) = self.nodes.get(node) {
+            return l.clone();
+        }
+        self.nodes.entry(node.clone()).or_default().clone()
+    }
+
+    pub fn figures(&self, node: &NodeName) -> LoadFigures {
+        match self.nodes.get(node) {
+            None => LoadFigures::default(),
+            Some(l) => LoadFigures {
+                sessions: l.sessions.load(Ordering::Acquire),
+                backend_connections: l.backend_connections.load(Ordering::Acquire),
+                pinned: l.pinned.load(Ordering::Acquire),
+            },
+        }
+    }
+
+    /// Counts a session and its backend connection against `node` while the guard lives.
+    pub fn bind(&self, node: &NodeName) -> Binding {
+        let load = self.entry(node);
+        load.sessions.fetch_add(1, Ordering::AcqRel);
+        load.backend_connections.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::NODE_SESSIONS, "node" => node.to_string()).increment(1.0);
+        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => node.to_string()).increment(1.0);
+        Binding {
+            node: node.clone(),
+            load,
+            pinned: false,
+        }
+    }
+}
+
+/// A session bound to a node through one backend connection.
+#[derive(Debug)]
+pub struct Binding {
+    node: NodeName,
+    load: Arc<NodeLoad>,
+    pinned: bool,
+}
+
+impl Binding {
+    pub fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    /// Marks the session as holding state that cannot move (counted once).
+    pub fn set_pinned(&mut self, pinned: bool) {
+        if pinned == self.pinned {
+            return;
+        }
+        self.pinned = pinned;
+        let d = if pinned { 1 } else { -1 };
+        self.load.pinned.fetch_add(d, Ordering::AcqRel);
+        metrics::gauge!(m::PINNED_SESSIONS, "node" => self.node.to_string()).increment(d as f64);
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        self.set_pinned(false);
+        self.load.sessions.fetch_sub(1, Ordering::AcqRel);
+        self.load.backend_connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::NODE_SESSIONS, "node" => self.node.to_string()).decrement(1.0);
+        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => self.node.to_string()).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_give_their_counts_back() {
+        let loads = NodeLoads::default();
+        let n = NodeName::new("pg1");
+        let mut a = loads.bind(&n);
+        let b = loads.bind(&n);
+        a.set_pinned(true);
+        a.set_pinned(true);
+        assert_eq!(
+            loads.figures(&n),
+            LoadFigures {
+                sessions: 2,
+                backend_connections: 2,
+                pinned: 1
+            }
+        );
+        drop(a);
+        drop(b);
+        assert!(loads.figures(&n).is_empty());
+        assert_eq!(loads.figures(&n).pinned, 0);
+    }
+}

@@ -1,0 +1,156 @@
+//! The few facts graywire reads from query text: the leading command of a simple Query or a
+//! Parse, enough to know a transaction is ending, a session setting may have changed, or
+//! prepared statements were dropped. Only the first words are read; they usually arrive with
+//! the message header, so no message is buffered for this.
+
+/// The kind of a statement, judged by its first words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `SET` or `RESET` of a session setting (not `SET LOCAL`, `SET TRANSACTION`, …).
+    SessionSetting,
+    /// `COMMIT`, `END`, `COMMIT PREPARED`, `PREPARE TRANSACTION`: ends a transaction with an
+    /// outcome the client must learn.
+    Commit,
+    /// `ROLLBACK` or `ABORT`.
+    Rollback,
+    /// `DISCARD` or `DEALLOCATE`: may drop protocol-level prepared statements.
+    Discard,
+    Other,
+}
+
+/// Classifies statement text (possibly cut short) by its first words.
+pub fn leading_command(text: &[u8]) -> Command {
+    let mut words = Words {
+        rest: skip_blanks(text),
+    };
+    let Some(first) = words.next() else {
+        return Command::Other;
+    };
+    let is = |w: &[u8], kw: &str| w.eq_ignore_ascii_case(kw.as_bytes());
+    if is(first, "set") {
+        match words.next() {
+            Some(w) if is(w, "local") || is(w, "transaction") || is(w, "constraints") => {
+                Command::Other
+            }
+            _ => Command::SessionSetting,
+        }
+    } else if is(first, "reset") {
+        Command::SessionSetting
+    } else if is(first, "commit") || is(first, "end") {
+        Command::Commit
+    } else if is(first, "prepare") {
+        match words.next() {
+            Some(w) if is(w, "transaction") => Command::Commit,
+            _ => Command::Other,
+        }
+    } else if is(first, "rollback") || is(first, "abort") {
+        match words.next() {
+            // ROLLBACK PREPARED ends another, prepared transaction: an ordinary statement.
+            Some(w) if is(w, "prepared") => Command::Other,
+            _ => Command::Rollback,
+        }
+    } else if is(first, "discard") || is(first, "deallocate") {
+        Command::Discard
+    } else {
+        Command::Other
+    }
+}
+
+/// Skips whitespace and `--` / `/* */` comments.
+fn skip_blanks(mut s: &[u8]) -> &[u8] {
+    loop {
+        let trimmed = s.trim_ascii_start();
+        if let Some(after) = trimmed.strip_prefix(b"--") {
+            match after.iter().position(|&b| b == b'\n') {
+                Some(i) => s = &after[i + 1..],
+                None => return &[],
+            }
+        } else if let Some(after) = trimmed.strip_prefix(b"/*") {
+            match after.windows(2).position(|w| w == b"*/") {
+                Some(i) => s = &after[i + 2..],
+                None => return &[],
+            }
+        } else {
+            return trimmed;
+        }
+    }
+}
+
+struct Words<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let s = skip_blanks(self.rest);
+        let end = s
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .unwrap_or(s.len());
+        if end == 0 {
+            return None;
+        }
+        self.rest = &s[end..];
+        Some(&s[..end])
+    }
+}
+
+/// Quotes `s` as an SQL string literal that reads the same whatever
+/// `standard_conforming_strings` says.
+pub fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    if s.contains('\\') {
+        out.push('E');
+    }
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_commands() {
+        let cases: &[(&str, Command)] = &[
+            ("SET search_path = a", Command::SessionSetting),
+            ("  set application_name to 'x'", Command::SessionSetting),
+            ("RESET ALL", Command::SessionSetting),
+            ("SET SESSION work_mem = '8MB'", Command::SessionSetting),
+            ("SET LOCAL work_mem = '8MB'", Command::Other),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Command::Other),
+            ("-- a comment\nCOMMIT", Command::Commit),
+            ("/* x */ end", Command::Commit),
+            ("PREPARE TRANSACTION 'a'", Command::Commit),
+            ("PREPARE q AS SELECT 1", Command::Other),
+            ("rollback", Command::Rollback),
+            ("ROLLBACK PREPARED 'a'", Command::Other),
+            ("ABORT", Command::Rollback),
+            ("DISCARD ALL", Command::Discard),
+            ("deallocate all", Command::Discard),
+            ("SELECT 1", Command::Other),
+            ("settle", Command::Other),
+            ("", Command::Other),
+            ("/* unterminated", Command::Other),
+        ];
+        for (text, want) in cases {
+            assert_eq!(leading_command(text.as_bytes()), *want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn literals_are_quoted_safely() {
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+        assert_eq!(quote_literal(r"c:\x"), r"E'c:\\x'");
+        assert_eq!(quote_literal("\"$user\", public"), "'\"$user\", public'");
+    }
+}
