@@ -140,8 +140,9 @@ fn wait_param(query: &str) -> Result<Duration, String> {
                 wait = if v == "0" {
                     Duration::ZERO
                 } else {
-                    humantime::parse_duration(v)
-                        .map_err(|e| format!("wait={v:?} is not a duration (e.g. 30s, 500ms): {e}"))?
+                    humantime::parse_duration(v).map_err(|e| {
+                        format!("wait={v:?} is not a duration (e.g. 30s, 500ms): {e}")
+                    })?
                 };
                 if wait > MAX_DRAIN_WAIT {
                     return Err(format!(

@@ -324,10 +324,12 @@ pub async fn exchange(
             let body = &frame[5..];
             match frame[0] {
                 b'Z' => ready += 1,
-                b'D' => out.rows.push(data_row(body).ok_or_else(|| BackendError::Protocol {
-                    node: node.clone(),
-                    detail: "malformed DataRow".into(),
-                })?),
+                b'D' => out
+                    .rows
+                    .push(data_row(body).ok_or_else(|| BackendError::Protocol {
+                        node: node.clone(),
+                        detail: "malformed DataRow".into(),
+                    })?),
                 b'E' => out.errors.push(error_fields(body)),
                 b'S' => {
                     if let Some((k, rest)) = crate::protocol::frame::read_cstr(body) {

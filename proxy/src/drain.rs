@@ -57,7 +57,11 @@ pub fn admin_str(s: AdminState) -> &'static str {
 }
 
 pub fn export_admin_state(node: &NodeName, state: AdminState) {
-    for s in [AdminState::Active, AdminState::Draining, AdminState::Drained] {
+    for s in [
+        AdminState::Active,
+        AdminState::Draining,
+        AdminState::Drained,
+    ] {
         let v = if s == state { 1.0 } else { 0.0 };
         metrics::gauge!(m::NODE_ADMIN_STATE, "node" => node.to_string(), "state" => admin_str(s))
             .set(v);

@@ -180,7 +180,9 @@ pub enum RequestError {
     #[error("the transaction was rolled back because node {node} failed ({reason}); it is safe to retry it")]
     RolledBack { node: NodeName, reason: String },
     /// The backend died while a COMMIT or an autocommit statement ran.
-    #[error("node {node} failed while the statement ran ({reason}); whether it committed is unknown")]
+    #[error(
+        "node {node} failed while the statement ran ({reason}); whether it committed is unknown"
+    )]
     OutcomeUnknown { node: NodeName, reason: String },
     /// No suitable node appeared within `hold_timeout`.
     #[error("no suitable node is available (waited {0:?})")]

@@ -1,5 +1,6 @@
-//! Health checks: one task per node asks it `pg_is_in_recovery()` and its version every
-//! interval over a kept tokio-postgres connection, and publishes what it saw to the topology.
+//! Health checks: one task per node asks it `pg_is_in_recovery()`, its version and its WAL
+//! position every interval (more often while no node takes writes) over a kept tokio-postgres
+//! connection, and publishes what it saw to the topology.
 //! Every change of health or role is one log line and one metric.
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 use crate::config::{Credentials, HealthConfig, NodeConfig};
 use crate::context::Context;
 use crate::metrics as m;
+use crate::router;
 use crate::topology::{Health, NodeName, NodeStatus, Observation, Role, Topology, WalPosition};
 
 /// Starts the checker of one node; it stops on hard shutdown.
@@ -27,10 +29,8 @@ pub fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
 
 async fn check_forever(ctx: &Context, node: &NodeConfig) {
     let mut conn: Option<Checker> = None;
-    let mut ticks = tokio::time::interval(ctx.config.load().health.interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        let started = tokio::time::Instant::now();
         let config = ctx.config.load();
         let obs = check_once(&mut conn, node, &config.backend, &config.health).await;
         let result = if matches!(obs, Observation::Ok { .. }) {
@@ -44,8 +44,18 @@ async fn check_forever(ctx: &Context, node: &NodeConfig) {
         apply(&ctx.topology, &node.name, |s| {
             s.observe(&obs, fall, rise, Instant::now())
         });
+        // While no primary takes writes, requests are being held: look more often, so a
+        // promotion is seen within tens of milliseconds.
+        let mut interval = config.health.interval;
+        if router::primary(&ctx.topology.load()).is_none() {
+            interval = interval.min(NO_PRIMARY_INTERVAL);
+        }
+        tokio::time::sleep_until(started + interval).await;
     }
 }
+
+/// The check interval while no node takes writes.
+const NO_PRIMARY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Records a failed backend connect or a backend connection that died (passive check).
 pub fn passive_failure(ctx: &Context, node: &NodeName, reason: &str) {

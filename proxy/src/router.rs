@@ -26,7 +26,11 @@ pub fn primary(snapshot: &Snapshot) -> Option<&NodeConfig> {
 
 /// Where a session's transactions go: read-only when its user or database is configured so,
 /// or when it asked for `default_transaction_read_only` in its startup packet.
-pub fn session_target(routing: &RoutingConfig, user: &UserConfig, params: &StartupParams) -> Target {
+pub fn session_target(
+    routing: &RoutingConfig,
+    user: &UserConfig,
+    params: &StartupParams,
+) -> Target {
     if user.target == Target::ReadOnly {
         return Target::ReadOnly;
     }
@@ -35,16 +39,22 @@ pub fn session_target(routing: &RoutingConfig, user: &UserConfig, params: &Start
         return Target::ReadOnly;
     }
     let is_on = |v: &str| matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1");
-    if params.get("default_transaction_read_only").is_some_and(is_on) {
+    if params
+        .get("default_transaction_read_only")
+        .is_some_and(is_on)
+    {
         return Target::ReadOnly;
     }
     let options = params.get("options").unwrap_or("");
     let wants_read_only = options
         .split_whitespace()
-        .filter_map(|w| w.strip_prefix("default_transaction_read_only=").or_else(|| {
-            w.strip_prefix("--default_transaction_read_only=")
-                .or_else(|| w.strip_prefix("--default-transaction-read-only="))
-        }))
+        .filter_map(|w| {
+            w.strip_prefix("default_transaction_read_only=")
+                .or_else(|| {
+                    w.strip_prefix("--default_transaction_read_only=")
+                        .or_else(|| w.strip_prefix("--default-transaction-read-only="))
+                })
+        })
         .any(is_on);
     if wants_read_only {
         Target::ReadOnly

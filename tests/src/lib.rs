@@ -4,6 +4,7 @@
 //! See `tests/README.md`.
 #![allow(clippy::unwrap_used)]
 
+pub mod load;
 pub mod raw;
 
 use std::fmt::Write as _;
@@ -177,6 +178,41 @@ impl RunningProxy {
         http_request(self.admin, "GET", path).await
     }
 
+    /// POST on the admin API (no token); returns (status, body).
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        http_request(self.admin, "POST", path).await
+    }
+
+    /// The parsed `/v1/nodes` entry of node `name`.
+    pub async fn node_info(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.admin_get("/v1/nodes").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {name} in {body}"))
+    }
+
+    /// Waits (bounded) until node `name` shows `field` = `want` in `/v1/nodes`.
+    pub async fn wait_node(&self, name: &str, field: &str, want: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let n = self.node_info(name).await;
+            if n[field] == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {name}: {field} is not {want} after {limit:?}: {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops graywire (graceful shutdown) and waits for it.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
@@ -225,14 +261,29 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 
 /// A minimal HTTP/1.1 request over a fresh connection (the tests' admin client).
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_request_with(addr, method, path, &[]).await
+}
+
+/// [`http_request`] with extra header lines (`"Authorization: Bearer x"`).
+pub async fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut extra = String::new();
+    for h in headers {
+        extra.push_str(h);
+        extra.push_str("\r\n");
+    }
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: 0\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf))
         .await
         .expect("admin answers")
         .unwrap();

@@ -4,8 +4,8 @@
 pub mod frame;
 pub mod message;
 pub mod scram;
-pub mod sqltext;
 pub mod sqlstate;
+pub mod sqltext;
 pub mod startup;
 
 pub use sqlstate::SqlState;

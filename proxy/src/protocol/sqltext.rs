@@ -127,7 +127,10 @@ mod tests {
             ("RESET ALL", Command::SessionSetting),
             ("SET SESSION work_mem = '8MB'", Command::SessionSetting),
             ("SET LOCAL work_mem = '8MB'", Command::Other),
-            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Command::Other),
+            (
+                "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                Command::Other,
+            ),
             ("-- a comment\nCOMMIT", Command::Commit),
             ("/* x */ end", Command::Commit),
             ("PREPARE TRANSACTION 'a'", Command::Commit),

@@ -24,8 +24,10 @@ use super::relay::{Pipe, Statement, Tracker};
 pub enum Answer {
     /// Refuse it with this error; the transaction status stays as it is.
     Refuse(RequestError),
-    /// The failed transaction of a dead backend: only its end is accepted.
-    Aborted,
+    /// The failed transaction of a dead backend: only its end is accepted. With an error, the
+    /// client has not been told yet: its first request other than ROLLBACK (COMMIT included)
+    /// gets that error rather than 25P02.
+    Aborted(Option<RequestError>),
     /// An ErrorResponse was already sent; ignore messages until Sync, then ReadyForQuery.
     SkipToSync,
 }
@@ -55,6 +57,7 @@ pub async fn answer_request(
     let mut statements: HashMap<String, Command> = HashMap::new();
     let mut portals: HashMap<String, Command> = HashMap::new();
     let mut ends_transaction = false;
+    let mut answer = answer;
     loop {
         // The rest of a message the client was sending when its backend died.
         let skipped = t.frontend.skip_body(up.buf.len());
@@ -69,13 +72,19 @@ pub async fn answer_request(
             b'Q' => {
                 match &answer {
                     Answer::Refuse(e) => e.write_response(&mut out),
-                    Answer::Aborted | Answer::SkipToSync => match leading_command(body) {
-                        Command::Rollback | Command::Commit => {
+                    Answer::Aborted(notice) => match (leading_command(body), notice) {
+                        (Command::Rollback, _) | (Command::Commit, None) => {
                             message::command_complete(&mut out, "ROLLBACK");
                             t.status = TxStatus::Idle;
                         }
-                        _ => RequestError::InFailedTransaction.write_response(&mut out),
+                        (Command::Commit, Some(e)) => {
+                            e.write_response(&mut out);
+                            t.status = TxStatus::Idle;
+                        }
+                        (_, Some(e)) => e.write_response(&mut out),
+                        (_, None) => RequestError::InFailedTransaction.write_response(&mut out),
                     },
+                    Answer::SkipToSync => {}
                 }
                 message::ready_for_query(&mut out, t.status);
                 break;
@@ -89,10 +98,7 @@ pub async fn answer_request(
             }
             b'F' => {
                 if !skipping {
-                    match &answer {
-                        Answer::Refuse(e) => e.write_response(&mut out),
-                        _ => RequestError::InFailedTransaction.write_response(&mut out),
-                    }
+                    refuse(&mut answer, &mut out);
                 }
                 message::ready_for_query(&mut out, t.status);
                 break;
@@ -114,7 +120,7 @@ pub async fn answer_request(
                     statements.insert(name.to_owned(), command);
                     message::parse_complete(&mut out);
                 } else {
-                    skipping = refuse(&answer, &mut out);
+                    skipping = refuse(&mut answer, &mut out);
                 }
             }
             b'B' => {
@@ -129,7 +135,7 @@ pub async fn answer_request(
                     portals.insert(portal.to_owned(), command);
                     message::bind_complete(&mut out);
                 } else {
-                    skipping = refuse(&answer, &mut out);
+                    skipping = refuse(&mut answer, &mut out);
                 }
             }
             b'D' => {
@@ -146,17 +152,17 @@ pub async fn answer_request(
                     }
                     message::no_data(&mut out);
                 } else {
-                    skipping = refuse(&answer, &mut out);
+                    skipping = refuse(&mut answer, &mut out);
                 }
             }
             b'E' => {
                 let (portal, _) = read_cstr(body).ok_or_else(|| malformed("Execute"))?;
                 match portals.get(portal) {
-                    Some(Command::Rollback | Command::Commit) => {
+                    Some(c) if accepts(&answer, *c) => {
                         message::command_complete(&mut out, "ROLLBACK");
                         ends_transaction = true;
                     }
-                    _ => skipping = refuse(&answer, &mut out),
+                    _ => skipping = refuse(&mut answer, &mut out),
                 }
             }
             b'C' => message::close_complete(&mut out),
@@ -171,16 +177,26 @@ pub async fn answer_request(
     Ok(Outcome::Answered)
 }
 
-/// In the failed transaction only the statements that end it are accepted.
+/// In the failed transaction only the statements that end it are accepted (COMMIT only once
+/// the client knows the transaction failed).
 fn accepts(answer: &Answer, command: Command) -> bool {
-    matches!(answer, Answer::Aborted) && matches!(command, Command::Rollback | Command::Commit)
+    match answer {
+        Answer::Aborted(None) => matches!(command, Command::Rollback | Command::Commit),
+        Answer::Aborted(Some(_)) => command == Command::Rollback,
+        _ => false,
+    }
 }
 
-/// Writes the request's error; messages up to Sync are then ignored.
-fn refuse(answer: &Answer, out: &mut BytesMut) -> bool {
+/// Writes the request's error; messages up to Sync are then ignored. A pending notice is
+/// given once; afterwards the failed transaction refuses with 25P02.
+fn refuse(answer: &mut Answer, out: &mut BytesMut) -> bool {
     match answer {
         Answer::Refuse(e) => e.write_response(out),
-        _ => RequestError::InFailedTransaction.write_response(out),
+        Answer::Aborted(notice) => match notice.take() {
+            Some(e) => e.write_response(out),
+            None => RequestError::InFailedTransaction.write_response(out),
+        },
+        Answer::SkipToSync => RequestError::InFailedTransaction.write_response(out),
     }
     true
 }

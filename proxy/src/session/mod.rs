@@ -170,6 +170,7 @@ async fn run(
         settings: Vec::new(),
         changes,
         recheck_at: None,
+        unreported_rollback: None,
     };
     let result = session.serve().await;
     session.tracker.publish_bytes();
@@ -201,6 +202,9 @@ struct Session<'a> {
     changes: watch::Receiver<u64>,
     /// A pinned session on a node it should leave looks again at its first boundary after this.
     recheck_at: Option<tokio::time::Instant>,
+    /// The backend died while the session sat inside a transaction: the client learns it
+    /// (40001) at its next request.
+    unreported_rollback: Option<RequestError>,
 }
 
 /// How a migration or failover is labelled in metrics.
@@ -230,7 +234,8 @@ impl Session<'_> {
             }
             if self.tracker.status != TxStatus::Idle {
                 // The transaction died with its backend: answer until the client ends it.
-                if self.answer_locally(Answer::Aborted).await? {
+                let notice = self.unreported_rollback.take();
+                if self.answer_locally(Answer::Aborted(notice)).await? {
                     return Ok("session");
                 }
                 continue;
@@ -312,10 +317,16 @@ impl Session<'_> {
         if snapshot.paused && !self.pipes.up.buf.is_empty() {
             // Paused: the client's next transaction waits here, its connection untouched.
             let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
-            let held = router::hold(&self.ctx.topology, deadline, |s| (!s.paused).then_some(())).await;
+            let held =
+                router::hold(&self.ctx.topology, deadline, |s| (!s.paused).then_some(())).await;
             if let Err(SessionError::NoPrimary(waited)) = held {
-                if self.answer_locally(Answer::Refuse(RequestError::NoNode(waited))).await? {
-                    return Err(SessionError::ClientGone(std::io::ErrorKind::UnexpectedEof.into()));
+                if self
+                    .answer_locally(Answer::Refuse(RequestError::NoNode(waited)))
+                    .await?
+                {
+                    return Err(SessionError::ClientGone(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ));
                 }
             }
         }
@@ -415,7 +426,9 @@ impl Session<'_> {
         // the client's bytes that belonged to the failed requests.
         let down = &mut self.pipes.down;
         down.buf.truncate(down.ready);
-        down.flush_all_to(self.client).await.map_err(SessionError::ClientGone)?;
+        down.flush_all_to(self.client)
+            .await
+            .map_err(SessionError::ClientGone)?;
         down.buf.clear();
         let up = &mut self.pipes.up;
         up.buf.advance(up.ready);
@@ -425,7 +438,15 @@ impl Session<'_> {
         let mut out = answer.bytes;
         if answer.requests > 0 {
             warn!(parent: span, %node, %reason, requests = answer.requests, sqlstate = answer.sqlstate, "backend connection lost under a request; answered it and kept the session");
-            metrics::counter!(m::FAILOVERS_TOTAL, "sqlstate" => answer.sqlstate).increment(answer.requests as u64);
+            metrics::counter!(m::FAILOVERS_TOTAL, "sqlstate" => answer.sqlstate)
+                .increment(answer.requests as u64);
+        } else if t.status == TxStatus::InTransaction {
+            debug!(parent: span, %node, %reason, "backend connection lost inside an idle transaction");
+            metrics::counter!(m::FAILOVERS_TOTAL, "sqlstate" => "40001").increment(1);
+            self.unreported_rollback = Some(RequestError::RolledBack {
+                node: node.clone(),
+                reason: reason.clone(),
+            });
         } else {
             debug!(parent: span, %node, %reason, "backend connection lost between transactions");
         }
@@ -497,7 +518,8 @@ impl Session<'_> {
                         return Err(RequestError::NoNode(started.elapsed()));
                     }
                     // Let the health checker catch up before asking again.
-                    tokio::time::sleep(RETRY_PAUSE.min(deadline - tokio::time::Instant::now())).await;
+                    tokio::time::sleep(RETRY_PAUSE.min(deadline - tokio::time::Instant::now()))
+                        .await;
                 }
                 Err(e) => {
                     return Err(RequestError::NodeRefused {
@@ -644,9 +666,14 @@ async fn connect_first(
     target: Target,
     params: &StartupParams,
 ) -> Result<BackendConn, SessionError> {
-    let node =
-        router::wait_for_node(&ctx.topology, target, &config.routing, &ctx.loads, config.hold_timeout)
-            .await?;
+    let node = router::wait_for_node(
+        &ctx.topology,
+        target,
+        &config.routing,
+        &ctx.loads,
+        config.hold_timeout,
+    )
+    .await?;
     let creds = config.backend_credentials(user);
     let timeout = config.backend_connect_timeout;
     match backend::connect(&node, creds, &params.params, timeout, &ctx.scram_keys).await {

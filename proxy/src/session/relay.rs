@@ -11,18 +11,18 @@ use std::io;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::sync::watch;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::error::SessionError;
 use crate::metrics as m;
 use crate::protocol::frame::{
     check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned, HEADER_LEN,
 };
-use crate::protocol::sqltext::{leading_command, Command};
 use crate::protocol::message::TxStatus;
+use crate::protocol::sqltext::{leading_command, Command};
 use crate::shutdown::Shutdown;
 
 /// Each read asks for at least this much room.
@@ -527,7 +527,9 @@ async fn pass_node_bytes(
     down.ready = scanned.forward;
     if let Some(len) = scanned.stopped {
         // Deliver everything before the withheld FATAL, drop it and whatever follows.
-        down.flush_all(client_wr).await.map_err(SessionError::ClientGone)?;
+        down.flush_all(client_wr)
+            .await
+            .map_err(SessionError::ClientGone)?;
         let _ = len;
         down.buf.clear();
         let why = t
@@ -536,7 +538,8 @@ async fn pass_node_bytes(
             .unwrap_or_else(|| "the node is shutting down".into());
         return Ok(Some(RelayEnd::BackendClosed(why)));
     }
-    down.flush_now(client_wr).map_err(SessionError::ClientGone)?;
+    down.flush_now(client_wr)
+        .map_err(SessionError::ClientGone)?;
     Ok(None)
 }
 

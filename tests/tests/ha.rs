@@ -1,0 +1,529 @@
+//! High availability against real streaming-replication clusters: drains, a planned
+//! switchover and a crash failover under load, migration of session state, pinning, pause,
+//! split brain, and the admin API's refusals.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use graywire_tests::load::{error_counts, Load};
+use graywire_tests::{
+    cluster_op, config_for, connect, http_request_with, sqlstate, start_cluster, ProxyOptions,
+    RunningProxy, StopMode,
+};
+
+/// Harness options with a hold long enough to cover a promotion.
+fn ha_options(hold: &str) -> ProxyOptions {
+    ProxyOptions {
+        extra: format!("[shutdown]\ntimeout = \"3s\"\n\n[pool]\nhold_timeout = \"{hold}\"\n"),
+        ..ProxyOptions::default()
+    }
+}
+
+const READ_ONLY: &str = " options='-c default_transaction_read_only=on'";
+
+/// Every (writer, n) row in `table` on node `i`, read directly.
+async fn rows_on(
+    cluster: &Arc<Mutex<graywire::localcluster::LocalCluster>>,
+    i: usize,
+    table: &str,
+) -> HashSet<(i32, i64)> {
+    let dsn = cluster.lock().unwrap().dsn(i);
+    let c = connect(&dsn).await;
+    c.query(&format!("SELECT writer, n FROM {table}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_standby_under_read_load_moves_every_session_without_errors() {
+    let cluster = start_cluster(3).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ha_options("10s"))).await;
+    let dsn = format!("{}{READ_ONLY}", proxy.dsn("app"));
+    let (p1, p2) = (i64::from(cluster.port(1)), i64::from(cluster.port(2)));
+
+    let load = Load::readers(&dsn, 16).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = proxy.node_info("pg1").await;
+    assert!(before["sessions"].as_i64().unwrap() > 0, "{before}");
+    assert_eq!(
+        proxy.node_info("pg0").await["sessions"],
+        0,
+        "reads stay off the primary"
+    );
+
+    let (status, body) = proxy.admin_post("/v1/nodes/pg1/drain?wait=20s").await;
+    let drained_at = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["drained"], true, "{body}");
+    assert_eq!(v["state"], "drained", "{body}");
+    assert_eq!(v["remaining"]["sessions"], 0, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(proxy.node_info("pg1").await["sessions"], 0);
+
+    let (status, body) = proxy.admin_post("/v1/nodes/pg1/undrain").await;
+    assert_eq!(status, 200, "{body}");
+    proxy
+        .wait_node("pg1", "state", "up", Duration::from_secs(5))
+        .await;
+    // Back in rotation: a new read-only session goes to the least-loaded standby, pg1.
+    let fresh = connect(&dsn).await;
+    let port: i64 = fresh
+        .query_one("SELECT current_setting('port')::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, p1, "undrained standby takes new sessions");
+
+    let reports = load.finish().await;
+    assert!(
+        error_counts(&reports).is_empty(),
+        "{:?}",
+        error_counts(&reports)
+    );
+    for r in &reports {
+        assert!(!r.closed, "session {} was closed", r.id);
+        assert!(!r.acked.is_empty());
+        let after: Vec<i64> = r
+            .acked
+            .iter()
+            .filter(|(t, _)| *t > drained_at)
+            .map(|(_, p)| *p)
+            .collect();
+        assert!(!after.is_empty(), "session {} read after the drain", r.id);
+        assert!(
+            after.iter().all(|p| *p == p2),
+            "session {} read from pg1 after its drain: {after:?}",
+            r.id
+        );
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_under_write_load_loses_nothing_and_closes_nothing() {
+    let cluster = Arc::new(Mutex::new(start_cluster(3).await));
+    let config = config_for(&cluster.lock().unwrap(), &ha_options("30s"));
+    let proxy = RunningProxy::start(&config).await;
+    let c = proxy.connect("app").await;
+    c.batch_execute("CREATE TABLE sw (writer int, n int8, PRIMARY KEY (writer, n))")
+        .await
+        .unwrap();
+
+    let load = Load::writers(&proxy.dsn("app"), "sw", 16).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let drain_started = Instant::now();
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"drained\":true"), "{body}");
+    cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
+        .await
+        .unwrap();
+    let promote_started = Instant::now();
+    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
+    let promoted = Instant::now();
+    cluster_op(&cluster, |c| c.repoint(2, 1)).await.unwrap();
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/undrain").await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reports = load.finish().await;
+
+    let errors = error_counts(&reports);
+    assert!(errors.is_empty(), "client-visible errors: {errors:?}");
+    let on_new_primary = rows_on(&cluster, 1, "sw").await;
+    let mut acked = 0;
+    for r in &reports {
+        assert!(!r.closed, "session {} was closed", r.id);
+        for (_, n) in &r.acked {
+            acked += 1;
+            assert!(
+                on_new_primary.contains(&(r.id, *n)),
+                "acknowledged row ({}, {n}) is missing",
+                r.id
+            );
+        }
+        assert!(
+            r.first_ack_after(promoted).is_some(),
+            "session {} wrote after the switchover",
+            r.id
+        );
+    }
+    let longest = reports
+        .iter()
+        .map(|r| r.longest_gap(load_start(&reports)))
+        .max()
+        .unwrap();
+    let first_after = reports
+        .iter()
+        .filter_map(|r| r.first_ack_after(promote_started))
+        .min()
+        .unwrap();
+    println!(
+        "planned switchover: {acked} rows acknowledged, all present; longest write stall {:?}; \
+         drain + stop + promote took {:?} (pg_ctl promote -w {:?}); first write {:?} after \
+         pg_ctl promote started",
+        longest,
+        promoted - drain_started,
+        promoted - promote_started,
+        first_after - promote_started,
+    );
+    assert!(
+        longest < (promoted - promote_started) + Duration::from_secs(1),
+        "the write stall exceeds the promotion by more than a second"
+    );
+    proxy.shutdown().await;
+}
+
+/// The earliest acknowledgement of any session (the load's real start).
+fn load_start(reports: &[graywire_tests::load::SessionReport]) -> Instant {
+    reports
+        .iter()
+        .filter_map(|r| r.acked.first().map(|(t, _)| *t))
+        .min()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_failover_answers_in_flight_transactions_and_keeps_connections() {
+    let cluster = Arc::new(Mutex::new(start_cluster(3).await));
+    let config = config_for(&cluster.lock().unwrap(), &ha_options("30s"));
+    let proxy = RunningProxy::start(&config).await;
+    let c = proxy.connect("app").await;
+    c.batch_execute("CREATE TABLE cf (writer int, n int8, PRIMARY KEY (writer, n))")
+        .await
+        .unwrap();
+    let load = Load::writers(&proxy.dsn("app"), "cf", 16).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let killed = Instant::now();
+    cluster_op(&cluster, |c| c.kill9(0)).await.unwrap();
+    // Detection: the primary is down within about a second at the defaults.
+    proxy
+        .wait_node("pg0", "state", "down", Duration::from_secs(2))
+        .await;
+    let detected = Instant::now();
+    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
+    let promoted = Instant::now();
+    cluster_op(&cluster, |c| c.repoint(2, 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reports = load.finish().await;
+
+    let errors = error_counts(&reports);
+    for code in errors.keys() {
+        assert!(
+            code == "40001" || code == "40003",
+            "unexpected client error {code}: {errors:?}"
+        );
+    }
+    let on_new_primary = rows_on(&cluster, 1, "cf").await;
+    let mut missing = 0;
+    for r in &reports {
+        assert!(!r.closed, "session {} was closed", r.id);
+        assert!(
+            r.first_ack_after(promoted).is_some(),
+            "session {} wrote again after the failover",
+            r.id
+        );
+        missing += r
+            .acked
+            .iter()
+            .filter(|(_, n)| !on_new_primary.contains(&(r.id, *n)))
+            .count();
+    }
+    // Writes acknowledged after the node was seen down ran on the new primary.
+    let first_write = reports
+        .iter()
+        .filter_map(|r| r.first_ack_after(detected))
+        .min()
+        .unwrap();
+    println!(
+        "crash failover: errors {errors:?}; down detected {:?} after kill -9; pg_ctl promote -w \
+         took {:?}; first successful write on the new primary {:?} after the kill ({:?} after \
+         the promotion returned); {missing} acknowledged rows not on the new primary \
+         (asynchronous replication)",
+        detected - killed,
+        promoted - detected,
+        first_write - killed,
+        first_write.saturating_duration_since(promoted),
+    );
+    assert!(
+        detected - killed < Duration::from_secs(1),
+        "the dead primary is noticed within a second"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_and_settings_survive_a_migration() {
+    let cluster = start_cluster(3).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ha_options("10s"))).await;
+    let c = connect(&format!("{}{READ_ONLY}", proxy.dsn("app"))).await;
+    let stmt = c
+        .prepare(
+            "SELECT current_setting('port')::int8, current_setting('search_path'), \
+             current_setting('application_name'), current_setting('work_mem'), \
+             current_setting('default_transaction_read_only'), $1::int8 * 2",
+        )
+        .await
+        .unwrap();
+    c.batch_execute("SET search_path = ha_schema, public; SET application_name = 'migrant'")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN; SET work_mem = '7MB'; COMMIT")
+        .await
+        .unwrap();
+    let row = c.query_one(&stmt, &[&21i64]).await.unwrap();
+    let first_port: i64 = row.get(0);
+    let from = if first_port == i64::from(cluster.port(1)) {
+        "pg1"
+    } else {
+        "pg2"
+    };
+
+    let (status, body) = proxy
+        .admin_post(&format!("/v1/nodes/{from}/drain?wait=10s"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for i in 0..50i64 {
+        let row = c.query_one(&stmt, &[&i]).await.unwrap();
+        let port: i64 = row.get(0);
+        assert_ne!(port, first_port, "the session left the drained node");
+        assert_eq!(row.get::<_, String>(1), "ha_schema, public");
+        assert_eq!(row.get::<_, String>(2), "migrant");
+        assert_eq!(row.get::<_, String>(3), "7MB");
+        assert_eq!(
+            row.get::<_, String>(4),
+            "on",
+            "startup options are replayed"
+        );
+        assert_eq!(row.get::<_, i64>(5), i * 2);
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_a_temporary_table_is_pinned_and_the_drain_reports_it() {
+    let cluster = start_cluster(2).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ha_options("10s"))).await;
+    let pinned = proxy.connect("app").await;
+    pinned
+        .batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    let movable = proxy.connect("app").await;
+    movable.simple_query("SELECT 1").await.unwrap();
+
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=1500ms").await;
+    assert_eq!(
+        status, 202,
+        "not drained while a pinned session stays: {body}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["drained"], false, "{body}");
+    assert_eq!(v["remaining"]["sessions"], 1, "{body}");
+    assert_eq!(v["remaining"]["pinned_sessions"], 1, "{body}");
+    assert_eq!(proxy.node_info("pg0").await["pinned_sessions"], 1);
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("graywire_pinned_sessions{node=\"pg0\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("graywire_pinned_total{state=\"temporary_tables\"}"),
+        "{metrics}"
+    );
+    // The pinned session keeps working where its state is.
+    let n: i64 = pinned
+        .query_one("SELECT count(*) FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // Dropping the state lets it move at its next look (about a second later, idle or not):
+    // the node then drains.
+    pinned.batch_execute("DROP TABLE scratch").await.unwrap();
+    proxy
+        .wait_node("pg0", "state", "drained", Duration::from_secs(5))
+        .await;
+    let n = proxy.node_info("pg0").await;
+    assert_eq!(n["pinned_sessions"], 0, "{n}");
+    assert_eq!(n["sessions"], 0, "{n}");
+
+    let (status, _) = proxy.admin_post("/v1/nodes/pg0/undrain").await;
+    assert_eq!(status, 200);
+    movable.simple_query("SELECT 1").await.unwrap();
+    pinned.simple_query("SELECT 1").await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_transactions_and_resume_releases_them() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ha_options("1s"))).await;
+    let c = Arc::new(proxy.connect("app").await);
+
+    let (status, body) = proxy.admin_post("/v1/pause").await;
+    assert_eq!(status, 200, "{body}");
+    let held = {
+        let c = c.clone();
+        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a paused transaction waits");
+    let (status, _) = proxy.admin_post("/v1/resume").await;
+    assert_eq!(status, 200);
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Held past hold_timeout: an ERROR 57P03, and the session goes on.
+    proxy.admin_post("/v1/pause").await;
+    let started = Instant::now();
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    proxy.admin_post("/v1/resume").await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert!(!c.is_closed());
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_sends_writes_to_neither_node() {
+    let cluster = Arc::new(Mutex::new(start_cluster(2).await));
+    let config = config_for(&cluster.lock().unwrap(), &ha_options("1s"));
+    let proxy = RunningProxy::start(&config).await;
+    let c = proxy.connect("app").await;
+    c.batch_execute("CREATE TABLE sb (x int); INSERT INTO sb VALUES (1)")
+        .await
+        .unwrap();
+    // Wait until the standby has the table, then make it a second primary.
+    let dsn1 = cluster.lock().unwrap().dsn(1);
+    let direct1 = connect(&dsn1).await;
+    for _ in 0..100 {
+        if direct1.query("SELECT 1 FROM sb", &[]).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = proxy.admin_get("/v1/nodes").await;
+        if body.contains("\"split_brain\":true") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "split brain not seen: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = c
+        .batch_execute("INSERT INTO sb VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err:?}");
+    let refused = graywire_tests::connect_refused(&proxy.dsn("app")).await;
+    assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"), "{refused:?}");
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    assert!(metrics.contains("graywire_split_brain 1"), "{metrics}");
+    for i in 0..2 {
+        let dsn = cluster.lock().unwrap().dsn(i);
+        let n: i64 = connect(&dsn)
+            .await
+            .query_one("SELECT count(*) FROM sb", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "node {i} took no write");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_rejoins_after_rise_checks() {
+    let cluster = Arc::new(Mutex::new(start_cluster(2).await));
+    let config = config_for(&cluster.lock().unwrap(), &ha_options("5s"));
+    let proxy = RunningProxy::start(&config).await;
+    cluster_op(&cluster, |c| c.stop(1, StopMode::Immediate))
+        .await
+        .unwrap();
+    proxy
+        .wait_node("pg1", "state", "down", Duration::from_secs(5))
+        .await;
+    cluster_op(&cluster, |c| c.start_node(1)).await.unwrap();
+    proxy
+        .wait_node("pg1", "state", "up", Duration::from_secs(10))
+        .await;
+    assert_eq!(proxy.node_info("pg1").await["role"], "standby");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_refuses_bad_calls_cleanly() {
+    let cluster = start_cluster(1).await;
+    let token = "s3cret-token-0123456789";
+    let opts = ProxyOptions {
+        extra: format!("[admin]\ntoken = \"{token}\"\n"),
+        ..ProxyOptions::default()
+    };
+    let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
+    let bearer = format!("Authorization: Bearer {token}");
+    let auth = [bearer.as_str()];
+    let post = |path: &'static str, headers: &'static [&'static str]| {
+        http_request_with(proxy.admin, "POST", path, headers)
+    };
+
+    for path in [
+        "/v1/pause",
+        "/v1/resume",
+        "/v1/nodes/pg0/drain",
+        "/v1/nodes/pg0/undrain",
+    ] {
+        let (status, body) = post(path, &[]).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("\"error\""), "{body}");
+        let (status, _) = post(path, &["Authorization: Bearer wrong-token-0123456789"]).await;
+        assert_eq!(status, 401, "{path} with a wrong token");
+    }
+    assert_eq!(
+        proxy.admin_get("/v1/nodes").await.0,
+        200,
+        "reads need no token"
+    );
+    let (status, body) =
+        http_request_with(proxy.admin, "POST", "/v1/nodes/nope/drain", &auth).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no node named"), "{body}");
+    for bad in ["wait=soon", "wait=-1s", "wait=2h", "hurry=1"] {
+        let path = format!("/v1/nodes/pg0/drain?{bad}");
+        let (status, body) = http_request_with(proxy.admin, "POST", &path, &auth).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("\"error\""), "{body}");
+    }
+    assert_eq!(
+        proxy.node_info("pg0").await["state"],
+        "up",
+        "refused calls change nothing"
+    );
+    let (status, _) = http_request_with(proxy.admin, "GET", "/v1/pause", &auth).await;
+    assert_eq!(status, 405);
+    let (status, body) = http_request_with(proxy.admin, "POST", "/v1/pause", &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_request_with(proxy.admin, "POST", "/v1/resume", &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        http_request_with(proxy.admin, "POST", "/v1/nodes/pg0/drain?wait=1s", &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        http_request_with(proxy.admin, "POST", "/v1/nodes/pg0/undrain", &auth).await;
+    assert_eq!(status, 200, "{body}");
+    proxy.shutdown().await;
+}
