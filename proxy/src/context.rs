@@ -1,17 +1,20 @@
 //! The state every task of one running graywire shares: config, topology, cancel keys, the
 //! session count and the shutdown signals. Built once by [`crate::Proxy::new`]; no globals.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, NodeConfig};
 use crate::load::NodeLoads;
 use crate::protocol::scram::ClientKeyCache;
 use crate::shutdown::Shutdown;
-use crate::topology::Topology;
+use crate::topology::{NodeName, Topology};
 
 pub struct Context {
     pub config: ArcSwap<Config>,
@@ -22,6 +25,8 @@ pub struct Context {
     pub scram_keys: ClientKeyCache,
     /// Sessions, backend connections and pinned sessions per node.
     pub loads: NodeLoads,
+    /// The health checker of each configured node.
+    pub checkers: Mutex<HashMap<NodeName, (NodeConfig, JoinHandle<()>)>>,
     sessions: AtomicUsize,
 }
 
@@ -34,6 +39,7 @@ impl Context {
             shutdown: Shutdown::default(),
             scram_keys: ClientKeyCache::default(),
             loads: NodeLoads::default(),
+            checkers: Mutex::new(HashMap::new()),
             sessions: AtomicUsize::new(0),
         }
     }

@@ -16,8 +16,39 @@ use crate::metrics as m;
 use crate::router;
 use crate::topology::{Health, NodeName, NodeStatus, Observation, Role, Topology, WalPosition};
 
+/// Makes the running checkers match the config's nodes: starts one for each new or changed
+/// node, stops those of removed or changed ones. Called at start and after each reload.
+pub fn sync_checkers(ctx: &Arc<Context>) {
+    let config = ctx.config.load_full();
+    let mut running = ctx.checkers.lock().unwrap_or_else(|p| p.into_inner());
+    running.retain(|name, (node, task)| {
+        let keep = config.nodes.iter().any(|n| n == node);
+        if !keep {
+            task.abort();
+            info!(node = %name, "health checks stopped (node removed or changed)");
+        }
+        keep
+    });
+    for node in &config.nodes {
+        if !running.contains_key(&node.name) {
+            running.insert(
+                node.name.clone(),
+                (node.clone(), spawn(ctx.clone(), node.clone())),
+            );
+        }
+    }
+}
+
+/// Stops every checker.
+pub fn stop_checkers(ctx: &Context) {
+    let mut running = ctx.checkers.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, (_, task)) in running.drain() {
+        task.abort();
+    }
+}
+
 /// Starts the checker of one node; it stops on hard shutdown.
-pub fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
+fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
     tokio::spawn(async move {
         let stop = ctx.shutdown.hard.clone();
         tokio::select! {

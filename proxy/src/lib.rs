@@ -63,6 +63,42 @@ impl Proxy {
         self.ctx.topology.load()
     }
 
+    /// Applies a new, already validated config to the running proxy: nodes are added, removed
+    /// or changed live (sessions on a removed node move at their next transaction boundary),
+    /// users, credentials, routing, health and timeouts take effect for what comes next.
+    /// Listener addresses and the thread count stay as they were (they need a restart); the
+    /// returned list names such changes.
+    pub fn reload(&self, new: Config) -> Vec<String> {
+        let ctx = &self.ctx;
+        let old = ctx.config.load_full();
+        let mut needs_restart = Vec::new();
+        if old.listener.address != new.listener.address {
+            needs_restart.push("listener.address".to_owned());
+        }
+        if old.admin.address != new.admin.address {
+            needs_restart.push("admin.address".to_owned());
+        }
+        if old.worker_threads != new.worker_threads {
+            needs_restart.push("runtime.worker_threads".to_owned());
+        }
+        let mut new = new;
+        new.listener.address = old.listener.address;
+        new.admin.address = old.admin.address;
+        new.worker_threads = old.worker_threads;
+        let nodes_changed = old.nodes != new.nodes;
+        let nodes = new.nodes.clone();
+        ctx.config.store(Arc::new(new));
+        if nodes_changed {
+            ctx.topology.set_nodes(&nodes);
+            health::sync_checkers(ctx);
+        }
+        info!(nodes = nodes.len(), nodes_changed, "configuration reloaded");
+        for key in &needs_restart {
+            tracing::warn!(key = %key, "changed in the reloaded configuration but only takes effect after a restart");
+        }
+        needs_restart
+    }
+
     /// Waits until every node has been checked at least once (bounded by `timeout`).
     pub async fn wait_for_first_checks(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -97,12 +133,7 @@ impl Proxy {
         let ctx = &self.ctx;
         let config = ctx.config.load_full();
         let metrics_handle = metrics::install();
-        let checkers: Vec<_> = config
-            .nodes
-            .iter()
-            .cloned()
-            .map(|n| health::spawn(ctx.clone(), n))
-            .collect();
+        health::sync_checkers(ctx);
         if let Some(h) = &metrics_handle {
             tokio::spawn(metrics::upkeep(h.clone(), ctx.shutdown.hard.clone()));
         }
@@ -134,9 +165,7 @@ impl Proxy {
             );
         }
         forward.abort();
-        for c in checkers {
-            c.abort();
-        }
+        health::stop_checkers(ctx);
         ctx.shutdown.hard.cancel();
     }
 }

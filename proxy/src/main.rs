@@ -4,13 +4,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use graywire::config::Config;
 use graywire::demo::{self, DemoOptions};
+use graywire::Proxy;
 
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
+            let config_path = config.clone();
             let config = match Config::from_file(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -85,11 +88,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            let path = config_path;
             runtime_then(config.worker_threads, |stop| async move {
                 let listener = tokio::net::TcpListener::bind(config.listener.address).await?;
                 let admin = tokio::net::TcpListener::bind(config.admin.address).await?;
                 info!(listen = %config.listener.address, admin = %config.admin.address, "graywire is serving");
-                graywire::run(config, listener, Some(admin), stop).await;
+                let proxy = Arc::new(Proxy::new(config));
+                reload_on_sighup(proxy.clone(), path)?;
+                proxy.run(listener, Some(admin), stop).await;
                 Ok(())
             })
         }
@@ -104,10 +110,10 @@ fn main() -> ExitCode {
                 listen: SocketAddr::from(([127, 0, 0, 1], port)),
                 admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             };
-            runtime_then(
-                threads,
-                |stop| async move { Ok(demo::run(opts, stop).await?) },
-            )
+            runtime_then(threads, |stop| async move {
+                ignore_sighup()?;
+                Ok(demo::run(opts, stop).await?)
+            })
         }
     }
 }
@@ -156,17 +162,48 @@ fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // Live reload is not built yet: keep running (SIGHUP would otherwise kill the process).
-    let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = hup.recv() => warn!("SIGHUP: config reload is not supported by this version; restart to apply changes"),
-            }
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
         }
         stop.cancel();
+    });
+    Ok(())
+}
+
+/// SIGHUP: read the config file again; apply it if valid, otherwise keep the running config
+/// and log why.
+fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match Config::from_file(&path) {
+                Ok(c) => {
+                    info!(file = %path.display(), "SIGHUP: reloading the configuration");
+                    proxy.reload(c);
+                }
+                Err(e) => error!(
+                    file = %path.display(),
+                    reason = %e,
+                    "SIGHUP: the new configuration is invalid; keeping the running one"
+                ),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The demo has no config file: SIGHUP is logged and otherwise ignored (it would end the
+/// process by default).
+fn ignore_sighup() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            warn!("SIGHUP: the demo has no configuration file to reload");
+        }
     });
     Ok(())
 }

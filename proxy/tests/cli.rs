@@ -208,3 +208,149 @@ impl Drop for KillOnDrop {
             .status();
     }
 }
+
+/// A GET on the admin API with std only; returns the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (bounded) until `/v1/nodes` lists exactly `names`.
+fn wait_for_nodes(admin: &str, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = if std::net::TcpStream::connect(admin).is_ok() {
+            http_get(admin, "/v1/nodes")
+        } else {
+            String::new()
+        };
+        let listed: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["nodes"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| n["name"].as_str().map(String::from))
+            .collect();
+        if listed == names {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes {listed:?}, expected {names:?}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sighup_reloads_nodes_and_keeps_the_old_config_when_the_new_one_is_invalid() {
+    use graywire::localcluster::{ClusterSpec, LocalCluster};
+    let cluster = LocalCluster::start(ClusterSpec::new(2).unwrap()).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let config = |nodes: &[usize], port_override: Option<&str>| {
+        let mut t = format!(
+            "[listener]\naddress = \"127.0.0.1:{listen}\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [backend]\nuser = \"{}\"\npassword = \"{}\"\n[[users]]\nname = \"app\"\nauth = \"trust\"\n",
+            cluster.superuser(),
+            cluster.password()
+        );
+        for i in nodes {
+            let port = port_override.map_or(cluster.port(*i).to_string(), String::from);
+            t.push_str(&format!(
+                "[[nodes]]\nname = \"pg{i}\"\nhost = \"127.0.0.1\"\nport = {port}\n"
+            ));
+        }
+        t
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("graywire.toml");
+    std::fs::write(&file, config(&[0, 1], None)).unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _guard = KillOnDrop(pid);
+    let admin_addr = format!("127.0.0.1:{admin}");
+    wait_for_nodes(&admin_addr, &["pg0", "pg1"]);
+    let url = format!("postgres://app@127.0.0.1:{listen}/postgres");
+    assert_eq!(psql(&url, "SELECT 1"), "1");
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+
+    // Invalid: refused with the reason, the running config stays.
+    std::fs::write(&file, config(&[0], Some("70000"))).unwrap();
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("70000 is not a port")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the refused reload"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "graywire keeps running"
+    );
+    wait_for_nodes(&admin_addr, &["pg0", "pg1"]);
+
+    // Valid, with pg1 removed: it is gone from the topology, the proxy keeps serving.
+    std::fs::write(&file, config(&[0], None)).unwrap();
+    hup();
+    wait_for_nodes(&admin_addr, &["pg0"]);
+    assert_eq!(psql(&url, "SELECT 2"), "2");
+    // And back.
+    std::fs::write(&file, config(&[0, 1], None)).unwrap();
+    hup();
+    wait_for_nodes(&admin_addr, &["pg0", "pg1"]);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "graywire exits cleanly: {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "graywire did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

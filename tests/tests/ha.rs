@@ -527,3 +527,49 @@ async fn admin_api_refuses_bad_calls_cleanly() {
     assert_eq!(status, 200, "{body}");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removed_by_reload_stops_taking_traffic_without_dropping_sessions() {
+    let cluster = start_cluster(3).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ha_options("10s"))).await;
+    let dsn = format!("{}{READ_ONLY}", proxy.dsn("app"));
+    let p1 = i64::from(cluster.port(1));
+    let load = Load::readers(&dsn, 8).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(proxy.node_info("pg1").await["sessions"].as_i64().unwrap() > 0);
+
+    let without_pg1 = ProxyOptions {
+        node_order: Some(vec![0, 2]),
+        ..ha_options("10s")
+    };
+    let config = graywire::config::Config::from_toml(&config_for(&cluster, &without_pg1)).unwrap();
+    let restart_keys = proxy.proxy.reload(config);
+    assert!(restart_keys.is_empty(), "{restart_keys:?}");
+    let reloaded = Instant::now();
+    let (_, body) = proxy.admin_get("/v1/nodes").await;
+    assert!(!body.contains("\"pg1\""), "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let reports = load.finish().await;
+    assert!(
+        error_counts(&reports).is_empty(),
+        "{:?}",
+        error_counts(&reports)
+    );
+    for r in &reports {
+        assert!(!r.closed);
+        let late: Vec<i64> = r
+            .acked
+            .iter()
+            .filter(|(t, _)| *t > reloaded + Duration::from_millis(100))
+            .map(|(_, p)| *p)
+            .collect();
+        assert!(!late.is_empty());
+        assert!(
+            late.iter().all(|p| *p != p1),
+            "session {} still reads from the removed node",
+            r.id
+        );
+    }
+    proxy.shutdown().await;
+}
