@@ -101,6 +101,8 @@ struct RawBackend {
 struct RawPool {
     mode: Option<String>,
     hold_timeout: Option<String>,
+    size: Option<i64>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +155,7 @@ struct RawUser {
     backend_user: Option<String>,
     backend_password: Option<Secret>,
     target: Option<String>,
+    pool_mode: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,6 +168,10 @@ pub struct Config {
     pub backend: Credentials,
     pub backend_connect_timeout: Duration,
     pub pool_mode: PoolMode,
+    /// Backend connections per node, backend user and startup parameters in transaction mode.
+    pub pool_size: usize,
+    /// Idle pooled backend connections are closed after this long.
+    pub pool_idle_timeout: Duration,
     /// How long a request waits for a suitable node before 57P03.
     pub hold_timeout: Duration,
     pub health: HealthConfig,
@@ -279,6 +286,8 @@ pub struct UserConfig {
     pub backend: Option<Credentials>,
     /// Where this user's sessions go unless the startup packet asks for read-only.
     pub target: Target,
+    /// This user's pool mode; `None` uses `pool.mode`.
+    pub pool_mode: Option<PoolMode>,
 }
 
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 256 << 20;
@@ -301,6 +310,11 @@ impl Config {
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The pool mode of `user`'s sessions.
+    pub fn pool_mode_of(&self, user: &UserConfig) -> PoolMode {
+        user.pool_mode.unwrap_or(self.pool_mode)
     }
 
     /// The credentials sessions of `user` use towards nodes.
@@ -457,23 +471,14 @@ impl RawConfig {
             Duration::from_secs(5),
         );
 
-        let pool_mode = match self.pool.mode.as_deref() {
-            None | Some("session") => PoolMode::Session,
-            Some("transaction") => {
-                p.add(
-                    "pool.mode",
-                    "\"transaction\" is not available yet in this build; use \"session\"",
-                );
-                PoolMode::Session
-            }
-            Some(m) => {
-                p.add(
-                    "pool.mode",
-                    format!("{m:?} is not a pool mode (\"session\" or \"transaction\")"),
-                );
-                PoolMode::Session
-            }
-        };
+        let pool_mode = parse_pool_mode(&mut p, "pool.mode", self.pool.mode.as_deref())
+            .unwrap_or(PoolMode::Session);
+        let pool_size = p.count("pool.size", self.pool.size, 1, 10_000, 20) as usize;
+        let pool_idle_timeout = p.duration(
+            "pool.idle_timeout",
+            self.pool.idle_timeout.as_deref(),
+            Duration::from_secs(600),
+        );
 
         let hold_timeout = p.duration(
             "pool.hold_timeout",
@@ -558,6 +563,8 @@ impl RawConfig {
             },
             backend_connect_timeout,
             pool_mode,
+            pool_size,
+            pool_idle_timeout,
             hold_timeout,
             health,
             routing,
@@ -566,6 +573,21 @@ impl RawConfig {
             nodes,
             users,
         })
+    }
+}
+
+fn parse_pool_mode(p: &mut Problems, key: &str, raw: Option<&str>) -> Option<PoolMode> {
+    match raw {
+        None => None,
+        Some("session") => Some(PoolMode::Session),
+        Some("transaction") => Some(PoolMode::Transaction),
+        Some(m) => {
+            p.add(
+                key,
+                format!("{m:?} is not a pool mode (\"session\" or \"transaction\")"),
+            );
+            None
+        }
     }
 }
 
@@ -752,11 +774,13 @@ fn validate_users(p: &mut Problems, raw: Vec<RawUser>) -> Vec<UserConfig> {
                 Target::ReadWrite
             }
         };
+        let pool_mode = parse_pool_mode(p, &key("pool_mode"), u.pool_mode.as_deref());
         users.push(UserConfig {
             name: u.name,
             auth,
             backend,
             target,
+            pool_mode,
         });
     }
     users

@@ -2,7 +2,7 @@
 //! session count and the shutdown signals. Built once by [`crate::Proxy::new`]; no globals.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, NodeConfig};
 use crate::load::NodeLoads;
+use crate::pool::Pools;
 use crate::protocol::scram::ClientKeyCache;
 use crate::shutdown::Shutdown;
 use crate::topology::{NodeName, Topology};
@@ -25,6 +26,10 @@ pub struct Context {
     pub scram_keys: ClientKeyCache,
     /// Sessions, backend connections and pinned sessions per node.
     pub loads: NodeLoads,
+    /// Backend connection pools (transaction mode).
+    pub pools: Pools,
+    /// Numbers sessions (pooled connections remember their last one).
+    next_session_id: AtomicU64,
     /// The health checker of each configured node.
     pub checkers: Mutex<HashMap<NodeName, (NodeConfig, JoinHandle<()>)>>,
     sessions: AtomicUsize,
@@ -40,6 +45,8 @@ impl Context {
             scram_keys: ClientKeyCache::default(),
             loads: NodeLoads::default(),
             checkers: Mutex::new(HashMap::new()),
+            pools: Pools::default(),
+            next_session_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
         }
     }
@@ -54,6 +61,11 @@ impl Context {
         }
         metrics::gauge!(crate::metrics::SESSIONS).increment(1.0);
         Some(SessionSlot { ctx: self.clone() })
+    }
+
+    /// A number no other session of this process has.
+    pub fn new_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn open_sessions(&self) -> usize {

@@ -45,6 +45,9 @@ pub enum BackendError {
     UnsupportedAuth { node: NodeName, method: String },
     #[error("node {node} broke the protocol during startup: {detail}")]
     Protocol { node: NodeName, detail: String },
+    /// Transaction mode: all `size` connections of the pool stayed busy for `hold_timeout`.
+    #[error("all {size} pooled connections to node {node} stayed busy")]
+    PoolExhausted { node: NodeName, size: usize },
 }
 
 impl BackendError {

@@ -26,6 +26,7 @@ pub mod listener;
 pub mod load;
 pub mod localcluster;
 pub mod metrics;
+pub mod pool;
 pub mod protocol;
 pub mod router;
 pub mod session;
@@ -134,6 +135,7 @@ impl Proxy {
         let config = ctx.config.load_full();
         let metrics_handle = metrics::install();
         health::sync_checkers(ctx);
+        tokio::spawn(pool::janitor(ctx.clone()));
         if let Some(h) = &metrics_handle {
             tokio::spawn(metrics::upkeep(h.clone(), ctx.shutdown.hard.clone()));
         }

@@ -59,22 +59,45 @@ impl NodeLoads {
         }
     }
 
-    /// Counts a session and its backend connection against `node` while the guard lives.
+    /// Counts a session bound to `node` while the guard lives.
     pub fn bind(&self, node: &NodeName) -> Binding {
         let load = self.entry(node);
         load.sessions.fetch_add(1, Ordering::AcqRel);
-        load.backend_connections.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!(m::NODE_SESSIONS, "node" => node.to_string()).increment(1.0);
-        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => node.to_string()).increment(1.0);
         Binding {
             node: node.clone(),
             load,
             pinned: false,
         }
     }
+
+    /// Counts an open backend connection to `node` while the guard lives.
+    pub fn connection(&self, node: &NodeName) -> ConnectionGuard {
+        let load = self.entry(node);
+        load.backend_connections.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => node.to_string()).increment(1.0);
+        ConnectionGuard {
+            node: node.clone(),
+            load,
+        }
+    }
 }
 
-/// A session bound to a node through one backend connection.
+/// One open backend connection, counted against its node.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    node: NodeName,
+    load: Arc<NodeLoad>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.load.backend_connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => self.node.to_string()).decrement(1.0);
+    }
+}
+
+/// A session bound to a node (running on one of its backend connections).
 #[derive(Debug)]
 pub struct Binding {
     node: NodeName,
@@ -107,9 +130,7 @@ impl Drop for Binding {
     fn drop(&mut self) {
         self.set_pinned(false);
         self.load.sessions.fetch_sub(1, Ordering::AcqRel);
-        self.load.backend_connections.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!(m::NODE_SESSIONS, "node" => self.node.to_string()).decrement(1.0);
-        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => self.node.to_string()).decrement(1.0);
     }
 }
 
@@ -123,6 +144,8 @@ mod tests {
         let n = NodeName::new("pg1");
         let mut a = loads.bind(&n);
         let b = loads.bind(&n);
+        let c1 = loads.connection(&n);
+        let c2 = loads.connection(&n);
         a.set_pinned(true);
         a.set_pinned(true);
         assert_eq!(
@@ -135,6 +158,8 @@ mod tests {
         );
         drop(a);
         drop(b);
+        assert!(!loads.figures(&n).is_empty(), "connections still open");
+        drop((c1, c2));
         assert!(loads.figures(&n).is_empty());
         assert_eq!(loads.figures(&n).pinned, 0);
     }

@@ -15,6 +15,9 @@ pub enum Command {
     Rollback,
     /// `DISCARD` or `DEALLOCATE`: may drop protocol-level prepared statements.
     Discard,
+    /// May create state bound to the backend connection: `CREATE TEMP …`, `LISTEN`,
+    /// SQL-level `PREPARE`, `DECLARE` (a cursor WITH HOLD outlives its transaction).
+    SessionState,
     Other,
 }
 
@@ -41,6 +44,17 @@ pub fn leading_command(text: &[u8]) -> Command {
     } else if is(first, "prepare") {
         match words.next() {
             Some(w) if is(w, "transaction") => Command::Commit,
+            _ => Command::SessionState,
+        }
+    } else if is(first, "listen") || is(first, "declare") {
+        Command::SessionState
+    } else if is(first, "create") {
+        let mut next = words.next();
+        if next.is_some_and(|w| is(w, "global") || is(w, "local")) {
+            next = words.next();
+        }
+        match next {
+            Some(w) if is(w, "temp") || is(w, "temporary") => Command::SessionState,
             _ => Command::Other,
         }
     } else if is(first, "rollback") || is(first, "abort") {
@@ -54,6 +68,21 @@ pub fn leading_command(text: &[u8]) -> Command {
     } else {
         Command::Other
     }
+}
+
+/// True when statement text mentions a session-level advisory lock function
+/// (`pg_advisory_lock`, `pg_try_advisory_lock`, their `_shared` forms; not the `_xact_` ones,
+/// which end with the transaction).
+pub fn mentions_session_advisory_lock(text: &[u8]) -> bool {
+    // Cheap on the hot path: only where an 'a' starts "advisory" is anything compared.
+    let ends_with =
+        |end: usize, s: &[u8]| end >= s.len() && text[end - s.len()..end].eq_ignore_ascii_case(s);
+    (0..text.len().saturating_sub(12)).any(|i| {
+        text[i] | 0x20 == b'a'
+            && text[i..].len() >= 13
+            && text[i..i + 13].eq_ignore_ascii_case(b"advisory_lock")
+            && (ends_with(i, b"pg_") || ends_with(i, b"pg_try_"))
+    })
 }
 
 /// Skips whitespace and `--` / `/* */` comments.
@@ -134,7 +163,18 @@ mod tests {
             ("-- a comment\nCOMMIT", Command::Commit),
             ("/* x */ end", Command::Commit),
             ("PREPARE TRANSACTION 'a'", Command::Commit),
-            ("PREPARE q AS SELECT 1", Command::Other),
+            ("PREPARE q AS SELECT 1", Command::SessionState),
+            ("create temp table t (x int)", Command::SessionState),
+            (
+                "CREATE LOCAL TEMPORARY TABLE t (x int)",
+                Command::SessionState,
+            ),
+            ("CREATE TABLE t (x int)", Command::Other),
+            ("LISTEN ch", Command::SessionState),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Command::SessionState,
+            ),
             ("rollback", Command::Rollback),
             ("ROLLBACK PREPARED 'a'", Command::Other),
             ("ABORT", Command::Rollback),
@@ -148,6 +188,20 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(leading_command(text.as_bytes()), *want, "{text:?}");
         }
+    }
+
+    #[test]
+    fn session_advisory_locks_are_noticed() {
+        assert!(mentions_session_advisory_lock(
+            b"SELECT pg_advisory_lock(1)"
+        ));
+        assert!(mentions_session_advisory_lock(
+            b"select PG_TRY_ADVISORY_LOCK_SHARED(1)"
+        ));
+        assert!(!mentions_session_advisory_lock(
+            b"SELECT pg_advisory_xact_lock(1)"
+        ));
+        assert!(!mentions_session_advisory_lock(b"SELECT 1"));
     }
 
     #[test]

@@ -35,12 +35,13 @@ use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
 use crate::backend::{self, BackendConn};
 use crate::cancel::{CancelHandle, CancelOutcome};
-use crate::config::{Config, NodeConfig, Target, UserConfig};
+use crate::config::{Config, NodeConfig, PoolMode, Target, UserConfig};
 use crate::context::{Context, SessionSlot};
 use crate::error::{BackendError, RequestError, SessionError};
 use crate::health;
-use crate::load::Binding;
+use crate::load::{Binding, ConnectionGuard};
 use crate::metrics as m;
+use crate::pool::{Checkout, Pool, PoolKey, PoolSlot};
 use crate::protocol::message::{self, TxStatus};
 use crate::protocol::startup::StartupParams;
 use crate::router;
@@ -125,33 +126,11 @@ async fn run(
     let target = router::session_target(&config.routing, user, &params);
     let mut changes = ctx.topology.subscribe();
     changes.mark_unchanged();
-
-    let mut backend = connect_first(ctx, &config, user, target, &params)
-        .instrument(span.clone())
-        .await?;
-    span.record("node", backend.node.as_str());
-    let cancel = ctx.cancels.register();
-    cancel.set_target(Some(backend.cancel_target()));
-    let binding = ctx.loads.bind(&backend.node);
-
-    let mut greeting = BytesMut::with_capacity(backend.greeting.len() + 64);
-    message::authentication_ok(&mut greeting);
-    greeting.extend_from_slice(&backend.greeting);
-    let key = cancel.key();
-    message::backend_key_data(&mut greeting, key.pid, key.secret);
-    message::ready_for_query(&mut greeting, backend.status);
-    client
-        .write_all(&greeting)
-        .await
-        .map_err(SessionError::ClientGone)?;
-
-    let tracker = Tracker::new(
-        std::mem::take(&mut backend.parameters),
-        backend.status,
-        config.listener.max_message_size,
-    );
-    let mut pipes = Pipes::default();
-    pipes.down.buf = std::mem::take(&mut backend.leftover);
+    let creds = config.backend_credentials(user);
+    let backend_params: Vec<(String, String)> = backend::startup_params(&params.params, creds)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     let mut session = Session {
         ctx,
         config: config.clone(),
@@ -159,19 +138,21 @@ async fn run(
         span,
         user: user.clone(),
         params,
+        backend_params,
         target,
-        cancel,
-        tracker,
-        pipes,
-        attached: Some(Attached {
-            conn: backend,
-            binding,
-        }),
+        mode: config.pool_mode_of(user),
+        id: ctx.new_session_id(),
+        cancel: ctx.cancels.register(),
+        tracker: Tracker::new(Vec::new(), TxStatus::Idle, config.listener.max_message_size),
+        pipes: Pipes::default(),
+        attached: None,
+        pools: Vec::new(),
         settings: Vec::new(),
         changes,
         recheck_at: None,
         unreported_rollback: None,
     };
+    session.start().instrument(span.clone()).await?;
     let result = session.serve().await;
     session.tracker.publish_bytes();
     result
@@ -180,7 +161,21 @@ async fn run(
 /// A backend connection the session runs on, counted against its node.
 struct Attached {
     conn: BackendConn,
+    guard: ConnectionGuard,
     binding: Binding,
+    /// In transaction mode: the pool the connection goes back to.
+    slot: Option<PoolSlot>,
+}
+
+/// A backend connection obtained for the session, not yet set up for it.
+struct Leased {
+    conn: BackendConn,
+    guard: ConnectionGuard,
+    slot: Option<PoolSlot>,
+    /// Another session used it last: `DISCARD ALL` first.
+    reset: bool,
+    /// It was used before (by this session, unless `reset`).
+    reused: bool,
 }
 
 /// One authenticated session: the client connection and, while it has one, its backend
@@ -192,11 +187,18 @@ struct Session<'a> {
     span: &'a Span,
     user: UserConfig,
     params: StartupParams,
+    /// The startup parameters as sent to nodes (pools are keyed by them).
+    backend_params: Vec<(String, String)>,
     target: Target,
+    mode: PoolMode,
+    /// This session's number (a pooled connection remembers the last session that used it).
+    id: u64,
     cancel: CancelHandle,
     tracker: Tracker,
     pipes: Pipes,
     attached: Option<Attached>,
+    /// Transaction mode: the pool of each node this session has used.
+    pools: Vec<Arc<Pool>>,
     /// Session settings captured from the last backend connection, replayed on the next.
     settings: Vec<(String, String)>,
     changes: watch::Receiver<u64>,
@@ -257,6 +259,7 @@ impl Session<'_> {
             return Ok(None);
         };
         let paused = self.ctx.topology.load().paused;
+        let release_at_boundary = a.slot.is_some() && !a.binding.is_pinned();
         let end = relay::run(
             self.client,
             &mut a.conn.stream,
@@ -267,6 +270,7 @@ impl Session<'_> {
                 changes: &mut self.changes,
                 hold_requests: paused,
                 recheck_at: self.recheck_at,
+                release_at_boundary,
             },
         )
         .await;
@@ -301,18 +305,25 @@ impl Session<'_> {
         let recheck_due = self
             .recheck_at
             .is_some_and(|t| t <= tokio::time::Instant::now());
-        if self.tracker.settings_dirty || !fits || recheck_due {
+        let pooled = self.attached.as_ref().is_some_and(|a| a.slot.is_some());
+        // In transaction mode the connection goes back at this boundary unless the session
+        // may hold state that cannot move: then look first.
+        let look = self.tracker.maybe_pinned && pooled;
+        if self.tracker.settings_dirty || !fits || recheck_due || look {
             self.tracker.settings_dirty = false;
+            self.tracker.maybe_pinned = false;
             let Some(captured) = self.capture().await? else {
                 return Ok(());
             };
             self.settings = captured.settings;
-            if !fits {
-                self.leave(&snapshot, &node, captured.pins).await;
+            if !fits || pooled {
+                self.leave(&snapshot, &node, captured.pins, !fits).await;
             } else if let Some(a) = self.attached.as_mut() {
                 a.binding.set_pinned(false);
                 self.recheck_at = None;
             }
+        } else if pooled {
+            self.release().await;
         }
         if snapshot.paused && !self.pipes.up.buf.is_empty() {
             // Paused: the client's next transaction waits here, its connection untouched.
@@ -377,8 +388,15 @@ impl Session<'_> {
         }
     }
 
-    /// Leaves the node at this boundary unless the session is pinned to it.
-    async fn leave(&mut self, snapshot: &Snapshot, node: &NodeName, pins: Vec<String>) {
+    /// Leaves the node (or, in transaction mode, gives the connection back) at this boundary
+    /// unless the session is pinned to it. `migrating`: the node no longer fits the session.
+    async fn leave(
+        &mut self,
+        snapshot: &Snapshot,
+        node: &NodeName,
+        pins: Vec<String>,
+        migrating: bool,
+    ) {
         let span = self.span;
         let reason = leave_reason(snapshot, node);
         if !pins.is_empty() {
@@ -398,9 +416,54 @@ impl Session<'_> {
             return;
         }
         self.recheck_at = None;
+        if let Some(a) = self.attached.as_mut() {
+            a.binding.set_pinned(false);
+        }
+        if !migrating {
+            self.release().await;
+            return;
+        }
         metrics::counter!(m::MIGRATIONS_TOTAL, "reason" => reason).increment(1);
         debug!(parent: self.span, %node, reason, "leaving the node at a transaction boundary");
-        self.close_backend().await;
+        if self.attached.as_ref().is_some_and(|a| a.slot.is_some()) {
+            self.release().await;
+        } else {
+            self.close_backend().await;
+        }
+    }
+
+    /// Transaction mode: gives the connection back to its pool at a boundary (closes it if
+    /// its node is out of rotation).
+    async fn release(&mut self) {
+        let Some(a) = self.attached.take() else {
+            return;
+        };
+        self.cancel.set_target(None);
+        let Attached {
+            mut conn,
+            guard,
+            binding,
+            slot,
+        } = a;
+        drop(binding);
+        let in_rotation = self
+            .ctx
+            .topology
+            .load()
+            .node(&conn.node)
+            .is_some_and(|n| n.in_rotation());
+        match slot {
+            Some(slot) if in_rotation && self.tracker.at_boundary() => {
+                conn.parameters.clone_from(&self.tracker.parameters);
+                conn.leftover = std::mem::take(&mut self.pipes.down.buf);
+                conn.status = TxStatus::Idle;
+                slot.give_back(conn, guard, self.id);
+            }
+            _ => {
+                backend::terminate(conn.stream).await;
+                drop(guard);
+            }
+        }
     }
 
     /// The backend connection died or the node is going away.
@@ -531,19 +594,139 @@ impl Session<'_> {
         }
     }
 
-    /// Opens a backend connection to `node` and rebuilds the session there.
-    async fn attach(&mut self, node: &NodeConfig) -> Result<(), BackendError> {
+    /// The first backend connection: holds until a node fits, then greets the client with the
+    /// node's parameters, graywire's BackendKeyData and ReadyForQuery.
+    async fn start(&mut self) -> Result<(), SessionError> {
+        let node = router::wait_for_node(
+            &self.ctx.topology,
+            self.target,
+            &self.config.routing,
+            &self.ctx.loads,
+            self.config.hold_timeout,
+        )
+        .await?;
+        let leased = match self.lease(&node).await {
+            Ok(l) => l,
+            Err(e) => {
+                if e.is_node_failure() {
+                    health::passive_failure(self.ctx, &node.name, &e.to_string());
+                }
+                return Err(e.into());
+            }
+        };
+        let mut greeting = BytesMut::with_capacity(1024);
+        message::authentication_ok(&mut greeting);
+        if leased.reused {
+            // A pooled connection: its parameters, as of now (after a reset if needed).
+            let conn = self.set_up(leased, false).await?;
+            for (k, v) in &conn.conn.parameters {
+                message::parameter_status(&mut greeting, k, v);
+            }
+            self.tracker.parameters.clone_from(&conn.conn.parameters);
+            self.attached = Some(conn);
+        } else {
+            let mut conn = self.set_up(leased, false).await?;
+            greeting.extend_from_slice(&conn.conn.greeting);
+            conn.conn.greeting = bytes::Bytes::new();
+            self.tracker.parameters.clone_from(&conn.conn.parameters);
+            self.attached = Some(conn);
+        }
+        let key = self.cancel.key();
+        message::backend_key_data(&mut greeting, key.pid, key.secret);
+        message::ready_for_query(&mut greeting, TxStatus::Idle);
+        self.client
+            .write_all(&greeting)
+            .await
+            .map_err(SessionError::ClientGone)?;
+        Ok(())
+    }
+
+    /// A backend connection to `node`: a new one in session mode, a pooled one in
+    /// transaction mode (waiting for a free one up to `hold_timeout`).
+    async fn lease(&mut self, node: &NodeConfig) -> Result<Leased, BackendError> {
         let creds = self.config.backend_credentials(&self.user);
-        let mut conn = backend::connect(
+        let timeout = self.config.backend_connect_timeout;
+        let slot = if self.mode == PoolMode::Transaction {
+            let pool = match self.pools.iter().find(|p| p.node() == &node.name) {
+                Some(p) => p.clone(),
+                None => {
+                    let key = PoolKey {
+                        node: node.name.clone(),
+                        user: creds.user.clone(),
+                        params: self.backend_params.clone(),
+                    };
+                    let p = self.ctx.pools.pool(&key, self.config.pool_size);
+                    self.pools.push(p.clone());
+                    p
+                }
+            };
+            let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
+            match pool.checkout(self.id, deadline).await {
+                None => {
+                    return Err(BackendError::PoolExhausted {
+                        node: node.name.clone(),
+                        size: self.config.pool_size,
+                    })
+                }
+                Some(Checkout::Reused {
+                    conn,
+                    guard,
+                    reset,
+                    slot,
+                }) => {
+                    return Ok(Leased {
+                        conn: *conn,
+                        guard,
+                        slot: Some(slot),
+                        reset,
+                        reused: true,
+                    })
+                }
+                Some(Checkout::Open(slot)) => Some(slot),
+            }
+        } else {
+            None
+        };
+        let conn = backend::connect(
             node,
             creds,
             &self.params.params,
-            self.config.backend_connect_timeout,
+            timeout,
             &self.ctx.scram_keys,
         )
         .await?;
-        let (request, ready) = migrate::replay_request(&self.settings, &self.tracker.statements);
-        let mut parameters = std::mem::take(&mut conn.parameters);
+        let guard = self.ctx.loads.connection(&node.name);
+        Ok(Leased {
+            conn,
+            guard,
+            slot,
+            reset: false,
+            reused: false,
+        })
+    }
+
+    /// Makes a leased connection this session's: `DISCARD ALL` if another session used it,
+    /// then (with `replay`, when the connection is new to the session) the session's settings
+    /// and prepared statements, all in one round trip.
+    async fn set_up(&mut self, leased: Leased, replay: bool) -> Result<Attached, BackendError> {
+        let Leased {
+            mut conn,
+            guard,
+            slot,
+            reset,
+            reused,
+        } = leased;
+        let mut request = BytesMut::new();
+        let mut ready = 0;
+        if reset {
+            message_query(&mut request, "DISCARD ALL");
+            ready += 1;
+        }
+        if replay && (reset || !reused) {
+            let (replayed, n) = migrate::replay_request(&self.settings, &self.tracker.statements);
+            request.extend_from_slice(&replayed);
+            ready += n;
+        }
         if ready > 0 {
             let reply = backend::exchange(
                 &conn.node,
@@ -553,31 +736,20 @@ impl Session<'_> {
                 ready,
                 self.config.backend_connect_timeout,
             )
-            .await?;
+            .await;
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    // Its state is unknown now: it never goes back to a pool.
+                    backend::terminate(conn.stream).await;
+                    return Err(e);
+                }
+            };
             for (code, msg) in &reply.errors {
-                warn!(parent: self.span, node = %conn.node, sqlstate = %code, error = %msg, "could not replay part of the session's state");
+                warn!(parent: self.span, node = %conn.node, sqlstate = %code, error = %msg, "could not set up part of the session's state");
             }
             for (k, v) in reply.parameters {
-                relay::set_parameter(&mut parameters, &k, &v);
-            }
-        }
-        // Tell the client what differs on the new node (server_version after an upgrade,
-        // in_hot_standby, …), as a node reports a changed parameter.
-        let mut out = BytesMut::new();
-        for (k, v) in &parameters {
-            let known = self.tracker.parameters.iter().find(|(name, _)| name == k);
-            if known.is_none_or(|(_, old)| old != v) {
-                message::parameter_status(&mut out, k, v);
-                relay::set_parameter(&mut self.tracker.parameters, k, v);
-            }
-        }
-        if !out.is_empty() {
-            if let Err(e) = self.client.write_all(&out).await {
-                backend::terminate(conn.stream).await;
-                return Err(BackendError::Connect {
-                    node: node.name.clone(),
-                    source: e,
-                });
+                relay::set_parameter(&mut conn.parameters, &k, &v);
             }
         }
         self.cancel.set_target(Some(conn.cancel_target()));
@@ -586,8 +758,39 @@ impl Session<'_> {
         self.pipes.down.buf = std::mem::take(&mut conn.leftover);
         self.pipes.down.ready = 0;
         let binding = self.ctx.loads.bind(&conn.node);
-        debug!(parent: self.span, node = %conn.node, "session attached");
-        self.attached = Some(Attached { conn, binding });
+        Ok(Attached {
+            conn,
+            guard,
+            binding,
+            slot,
+        })
+    }
+
+    /// Opens (or takes from the pool) a backend connection to `node` and rebuilds the
+    /// session there.
+    async fn attach(&mut self, node: &NodeConfig) -> Result<(), BackendError> {
+        let leased = self.lease(node).await?;
+        let attached = self.set_up(leased, true).await?;
+        // Tell the client what differs on this connection (server_version after an upgrade,
+        // in_hot_standby, …), as a node reports a changed parameter.
+        let mut out = BytesMut::new();
+        for (k, v) in &attached.conn.parameters {
+            let known = self.tracker.parameters.iter().find(|(name, _)| name == k);
+            if known.is_none_or(|(_, old)| old != v) {
+                message::parameter_status(&mut out, k, v);
+                relay::set_parameter(&mut self.tracker.parameters, k, v);
+            }
+        }
+        self.attached = Some(attached);
+        if !out.is_empty() {
+            if let Err(e) = self.client.write_all(&out).await {
+                self.close_backend().await;
+                return Err(BackendError::Connect {
+                    node: node.name.clone(),
+                    source: e,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -605,9 +808,17 @@ impl Session<'_> {
             }
         }
         self.cancel.set_target(None);
-        let Attached { conn, binding } = a;
-        backend::terminate(conn.stream).await;
+        let Attached {
+            conn,
+            guard,
+            binding,
+            slot,
+        } = a;
         drop(binding);
+        backend::terminate(conn.stream).await;
+        drop(guard);
+        // A connection ended this way is never pooled again.
+        drop(slot);
     }
 }
 
@@ -655,34 +866,4 @@ async fn open_and_authenticate<'c>(
         .ok_or_else(|| SessionError::UnknownUser(user_name.clone()))?;
     auth::authenticate(client, user).await?;
     Ok(Some((params, user, slot)))
-}
-
-/// Holds until a node fits the session, then opens its first backend connection; a node
-/// that cannot be reached counts as a failed health check.
-async fn connect_first(
-    ctx: &Arc<Context>,
-    config: &Config,
-    user: &UserConfig,
-    target: Target,
-    params: &StartupParams,
-) -> Result<BackendConn, SessionError> {
-    let node = router::wait_for_node(
-        &ctx.topology,
-        target,
-        &config.routing,
-        &ctx.loads,
-        config.hold_timeout,
-    )
-    .await?;
-    let creds = config.backend_credentials(user);
-    let timeout = config.backend_connect_timeout;
-    match backend::connect(&node, creds, &params.params, timeout, &ctx.scram_keys).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            if e.is_node_failure() {
-                health::passive_failure(ctx, &node.name, &e.to_string());
-            }
-            Err(e.into())
-        }
-    }
 }

@@ -22,7 +22,7 @@ use crate::protocol::frame::{
     check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned, HEADER_LEN,
 };
 use crate::protocol::message::TxStatus;
-use crate::protocol::sqltext::{leading_command, Command};
+use crate::protocol::sqltext::{leading_command, mentions_session_advisory_lock, Command};
 use crate::shutdown::Shutdown;
 
 /// Each read asks for at least this much room.
@@ -80,6 +80,9 @@ pub struct Tracker {
     pub in_copy: bool,
     /// A statement that may change a session setting ran; capture settings at the boundary.
     pub settings_dirty: bool,
+    /// A statement that may create state bound to the backend connection ran (see
+    /// [`Command::SessionState`]); transaction mode looks before giving the connection back.
+    pub maybe_pinned: bool,
     /// The latest value of every parameter the node reported.
     pub parameters: Vec<(String, String)>,
     /// Named protocol-level prepared statements the client defined.
@@ -114,6 +117,7 @@ impl Tracker {
             in_flight: InFlight::default(),
             in_copy: false,
             settings_dirty: false,
+            maybe_pinned: false,
             parameters,
             statements: HashMap::new(),
             node_said_fatal: false,
@@ -200,6 +204,7 @@ impl Tracker {
                 // DISCARD ALL also resets settings.
                 self.settings_dirty = true;
             }
+            Command::SessionState => self.maybe_pinned = true,
             Command::Other => {}
         }
     }
@@ -210,6 +215,9 @@ impl Tracker {
         let (name, rest) = read_cstr(&msg[HEADER_LEN..]).ok_or_else(bad)?;
         let command = leading_command(rest);
         self.note_command(command);
+        if mentions_session_advisory_lock(rest) {
+            self.maybe_pinned = true;
+        }
         if !name.is_empty() {
             self.statements.insert(
                 name.to_owned(),
@@ -251,6 +259,9 @@ impl Tracker {
                     b'X' | b'P' | b'C' => Handling::Inspect,
                     b'Q' => {
                         this.note_command(leading_command(body));
+                        if mentions_session_advisory_lock(body) {
+                            this.maybe_pinned = true;
+                        }
                         this.request();
                         Handling::Stream
                     }
@@ -493,6 +504,8 @@ pub struct BoundaryWatch<'a> {
     pub hold_requests: bool,
     /// Stop at the first boundary after this instant (a pinned session's recheck).
     pub recheck_at: Option<tokio::time::Instant>,
+    /// Transaction mode: stop at every boundary (the connection goes back to its pool).
+    pub release_at_boundary: bool,
 }
 
 /// Scans client bytes waiting in the up pipe and sends what may go now. `Some` when the
@@ -562,7 +575,11 @@ pub async fn run(
     let hard = shutdown.hard.cancelled();
     let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
     let changes = watch.changes;
-    let (hold_requests, recheck_at) = (watch.hold_requests, watch.recheck_at);
+    let (hold_requests, recheck_at, release) = (
+        watch.hold_requests,
+        watch.recheck_at,
+        watch.release_at_boundary,
+    );
     let recheck = tokio::time::sleep_until(recheck_at.unwrap_or(far));
     let mut changed = changes.has_changed().unwrap_or(false);
     let change = changes.changed();
@@ -593,7 +610,11 @@ pub async fn run(
         }
         if up.ready == 0
             && t.at_boundary()
-            && (changed || recheck_due || t.settings_dirty || (hold_requests && !up.buf.is_empty()))
+            && (changed
+                || recheck_due
+                || t.settings_dirty
+                || (hold_requests && !up.buf.is_empty())
+                || (release && up.buf.is_empty() && down.buf.is_empty()))
         {
             t.publish_bytes();
             return Ok(RelayEnd::Boundary);

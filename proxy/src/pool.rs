@@ -1,0 +1,248 @@
+//! Backend connection pools for transaction mode: per node, backend user and startup
+//! parameters, at most `pool.size` connections, handed to sessions one transaction at a time.
+//!
+//! A session takes a connection when its transaction starts and gives it back at the
+//! transaction boundary. It gets back the connection it used last whenever that one is idle,
+//! which needs no reset; a connection last used by another session is reset (`DISCARD ALL`)
+//! and then gets the session's settings and prepared statements replayed before use (see
+//! `session`). A connection whose state is unknown (a session ended mid-transaction, an error)
+//! is closed, never given back. Idle connections to a node out of rotation, or idle too long,
+//! are closed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{self, BackendConn};
+use crate::load::ConnectionGuard;
+use crate::topology::{NodeName, Snapshot};
+
+/// Connections are shared only between sessions that would have opened identical ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: NodeName,
+    pub user: String,
+    /// The startup parameters sent to the node, in order.
+    pub params: Vec<(String, String)>,
+}
+
+/// An idle connection and who used it last.
+struct Idle {
+    conn: BackendConn,
+    guard: ConnectionGuard,
+    owner: u64,
+    since: Instant,
+}
+
+struct State {
+    idle: Vec<Idle>,
+    /// Connections open or being opened (idle ones included).
+    open: usize,
+}
+
+/// One pool.
+pub struct Pool {
+    key: PoolKey,
+    size: usize,
+    /// One permit per connection a session may hold (or open) at a time.
+    permits: Arc<Semaphore>,
+    state: Mutex<State>,
+}
+
+impl Pool {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn node(&self) -> &NodeName {
+        &self.key.node
+    }
+
+    /// Waits (until `deadline`) for a connection: the one `owner` used last if idle, else a
+    /// new one while the pool is below its size, else the longest-idle one. `None` at the
+    /// deadline.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        owner: u64,
+        deadline: tokio::time::Instant,
+    ) -> Option<Checkout> {
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        let slot = PoolSlot {
+            pool: self.clone(),
+            permit: Some(permit),
+            returned: false,
+        };
+        let mut s = self.state();
+        if let Some(i) = s.idle.iter().position(|c| c.owner == owner) {
+            let Idle { conn, guard, .. } = s.idle.swap_remove(i);
+            drop(s);
+            return Some(Checkout::Reused {
+                conn: Box::new(conn),
+                guard,
+                reset: false,
+                slot,
+            });
+        }
+        if s.open < self.size {
+            s.open += 1;
+            drop(s);
+            return Some(Checkout::Open(slot));
+        }
+        let oldest = s
+            .idle
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.since)
+            .map(|(i, _)| i)?;
+        let Idle { conn, guard, .. } = s.idle.swap_remove(oldest);
+        drop(s);
+        Some(Checkout::Reused {
+            conn: Box::new(conn),
+            guard,
+            reset: true,
+            slot,
+        })
+    }
+}
+
+/// What a checkout yields.
+pub enum Checkout {
+    /// An idle connection; `reset` when another session used it last.
+    Reused {
+        conn: Box<BackendConn>,
+        guard: ConnectionGuard,
+        reset: bool,
+        slot: PoolSlot,
+    },
+    /// Room for a new connection: the caller opens it.
+    Open(PoolSlot),
+}
+
+/// A session's claim on one connection of a pool. Dropped without [`PoolSlot::give_back`],
+/// the connection counts as closed.
+pub struct PoolSlot {
+    pool: Arc<Pool>,
+    permit: Option<OwnedSemaphorePermit>,
+    returned: bool,
+}
+
+impl PoolSlot {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Puts a clean connection (at a transaction boundary) back as idle, remembering `owner`.
+    pub fn give_back(mut self, conn: BackendConn, guard: ConnectionGuard, owner: u64) {
+        self.returned = true;
+        self.pool.state().idle.push(Idle {
+            conn,
+            guard,
+            owner,
+            since: Instant::now(),
+        });
+        self.permit.take();
+    }
+}
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        if !self.returned {
+            let mut s = self.pool.state();
+            s.open = s.open.saturating_sub(1);
+        }
+    }
+}
+
+/// Every pool of one graywire.
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    /// The pool for `key`, made with `size` connections if new.
+    pub fn pool(&self, key: &PoolKey, size: usize) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    key: key.clone(),
+                    size,
+                    permits: Arc::new(Semaphore::new(size)),
+                    state: Mutex::new(State {
+                        idle: Vec::new(),
+                        open: 0,
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    /// Closes idle connections to nodes out of rotation (or gone) and those idle longer than
+    /// `idle_timeout`. Returns how many were closed.
+    pub fn prune(&self, snapshot: &Snapshot, idle_timeout: Duration) -> usize {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = Vec::new();
+        for pool in pools {
+            let in_rotation = snapshot
+                .node(&pool.key.node)
+                .is_some_and(|n| n.in_rotation());
+            let mut s = pool.state();
+            let mut i = 0;
+            while i < s.idle.len() {
+                if !in_rotation || s.idle[i].since.elapsed() >= idle_timeout {
+                    closed.push(s.idle.swap_remove(i));
+                    s.open = s.open.saturating_sub(1);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let n = closed.len();
+        for c in closed {
+            tokio::spawn(async move {
+                backend::terminate(c.conn.stream).await;
+                drop(c.guard);
+            });
+        }
+        n
+    }
+
+    /// Idle connections of every pool to `node` (for tests and the admin API).
+    pub fn idle_on(&self, node: &NodeName) -> usize {
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| &p.key.node == node)
+            .map(|p| p.state().idle.len())
+            .sum()
+    }
+}
+
+/// Prunes the pools on every topology change and every second, until `stop`.
+pub async fn janitor(ctx: Arc<crate::context::Context>) {
+    let stop = ctx.shutdown.hard.clone();
+    let mut changes = ctx.topology.subscribe();
+    loop {
+        let idle_timeout = ctx.config.load().pool_idle_timeout;
+        ctx.pools.prune(&ctx.topology.load(), idle_timeout);
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

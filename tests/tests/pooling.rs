@@ -1,0 +1,239 @@
+//! Transaction mode against real PostgreSQL: backend connections shared between sessions
+//! without leaking one session's state into another, pinning, connections in unknown state
+//! closed, and pgbench through a switchover.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use graywire_tests::{cluster_op, config_for, start_cluster, ProxyOptions, RunningProxy, StopMode};
+
+fn transaction_mode(size: usize) -> ProxyOptions {
+    ProxyOptions {
+        extra: format!(
+            "[shutdown]\ntimeout = \"3s\"\n\n[pool]\nmode = \"transaction\"\nsize = {size}\nhold_timeout = \"30s\"\n"
+        ),
+        ..ProxyOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_share_few_connections_and_never_see_each_others_settings() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &transaction_mode(2))).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let c = proxy.connect("app").await;
+        tasks.push(tokio::spawn(async move {
+            let mem = format!("{}kB", 1024 + i * 64);
+            c.batch_execute(&format!("SET work_mem = '{mem}'; SET application_name = 'app{i}'"))
+                .await
+                .unwrap();
+            let stmt = c
+                .prepare("SELECT pg_backend_pid(), current_setting('work_mem'), current_setting('application_name'), $1::int4 + 1")
+                .await
+                .unwrap();
+            let mut pids = HashSet::new();
+            for n in 0..20i32 {
+                let row = c.query_one(&stmt, &[&n]).await.unwrap();
+                pids.insert(row.get::<_, i32>(0));
+                let want_mem = if mem.ends_with("kB") && (1024 + i * 64) % 1024 == 0 {
+                    format!("{}MB", (1024 + i * 64) / 1024)
+                } else {
+                    mem.clone()
+                };
+                assert_eq!(row.get::<_, String>(1), want_mem, "session {i} sees its own work_mem");
+                assert_eq!(row.get::<_, String>(2), format!("app{i}"));
+                assert_eq!(row.get::<_, i32>(3), n + 1);
+                tokio::task::yield_now().await;
+            }
+            pids
+        }));
+    }
+    let mut all = HashSet::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert!(
+        all.len() <= 2,
+        "at most pool.size backend processes served them: {all:?}"
+    );
+    let n = proxy.node_info("pg0").await;
+    assert!(n["backend_connections"].as_i64().unwrap() <= 2, "{n}");
+    // A fresh session starts from the defaults, whatever the others set.
+    let c = proxy.connect("app").await;
+    let row = c
+        .query_one(
+            "SELECT current_setting('work_mem'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "4MB");
+    assert_eq!(row.get::<_, String>(1), "");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_a_temporary_table_keeps_its_connection() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &transaction_mode(2))).await;
+    let pinned = proxy.connect("app").await;
+    pinned
+        .batch_execute("CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (42)")
+        .await
+        .unwrap();
+    // Other sessions keep the other connection busy and cycle through the pool.
+    for _ in 0..3 {
+        let c = proxy.connect("app").await;
+        for _ in 0..10 {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+    }
+    let x: i32 = pinned
+        .query_one("SELECT x FROM mine", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(x, 42);
+    assert_eq!(proxy.node_info("pg0").await["pinned_sessions"], 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_leaves_mid_transaction_never_returns_its_connection() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &transaction_mode(1))).await;
+    {
+        let c = proxy.connect("app").await;
+        c.batch_execute("CREATE TABLE held (x int)").await.unwrap();
+        c.batch_execute("BEGIN; INSERT INTO held VALUES (1)")
+            .await
+            .unwrap();
+        // Dropped inside the transaction.
+    }
+    let c = proxy.connect("app").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // The dropped session's transaction is gone with its connection, not parked in the
+        // pool.
+        let idle_in_tx: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM held", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 && idle_in_tx == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.shutdown().await;
+}
+
+/// Runs pgbench through graywire (`args` after the connection options) while `during` runs.
+async fn pgbench_through_a_switchover(extra_args: &[&str]) {
+    let cluster = Arc::new(Mutex::new(start_cluster(3).await));
+    let (config, direct) = {
+        let c = cluster.lock().unwrap();
+        (
+            config_for(&c, &transaction_mode(20)),
+            (c.port(0), c.password().to_owned()),
+        )
+    };
+    let bindir = graywire::localcluster::PgBinaries::locate().unwrap();
+    let init = tokio::process::Command::new(bindir.program("pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .args(["-p", &direct.0.to_string()])
+        .env("PGPASSWORD", &direct.1)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = RunningProxy::start(&config).await;
+    let run = tokio::process::Command::new(bindir.program("pgbench"))
+        .args([
+            "-n",
+            "-T",
+            "8",
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "app",
+        ])
+        .args(["-p", &proxy.addr.port().to_string()])
+        .args(extra_args)
+        .arg("postgres")
+        .env("PGPASSWORD", "app-pw")
+        .kill_on_drop(true)
+        .output();
+    let bench = tokio::spawn(run);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
+    assert_eq!(status, 200, "{body}");
+    cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
+        .await
+        .unwrap();
+    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
+    cluster_op(&cluster, |c| c.repoint(2, 1)).await.unwrap();
+    let (status, _) = proxy.admin_post("/v1/nodes/pg0/undrain").await;
+    assert_eq!(status, 200);
+    let out = tokio::time::timeout(Duration::from_secs(60), bench)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgbench failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0 "),
+        "{stdout}"
+    );
+    let processed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(processed > 0, "{stdout}");
+    println!("pgbench {extra_args:?} through a switchover: {processed} transactions, none failed");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_runs_through_a_switchover_without_failures() {
+    pgbench_through_a_switchover(&["-M", "prepared"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_reconnecting_runs_through_a_switchover_without_failures() {
+    pgbench_through_a_switchover(&["-C", "-S"]).await;
+}
