@@ -122,6 +122,7 @@ struct RawRouting {
     max_lag_bytes: Option<toml::Value>,
     read_fallback_to_primary: Option<bool>,
     read_only_databases: Option<Vec<String>>,
+    split_brain: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +231,9 @@ pub struct RoutingConfig {
     pub read_fallback_to_primary: bool,
     /// Sessions to these databases are read-only.
     pub read_only_databases: Vec<String>,
+    /// Two nodes claiming primary: the one on the highest timeline takes writes (otherwise
+    /// neither does until an operator drains one).
+    pub split_brain_highest_timeline: bool,
 }
 
 /// Where a session's transactions may run.
@@ -521,6 +525,17 @@ impl RawConfig {
             },
             read_fallback_to_primary: self.routing.read_fallback_to_primary.unwrap_or(true),
             read_only_databases: self.routing.read_only_databases.unwrap_or_default(),
+            split_brain_highest_timeline: match self.routing.split_brain.as_deref() {
+                None | Some("wait") => false,
+                Some("highest_timeline") => true,
+                Some(other) => {
+                    p.add(
+                        "routing.split_brain",
+                        format!("{other:?} is not a policy (\"wait\" or \"highest_timeline\")"),
+                    );
+                    false
+                }
+            },
         };
         let shutdown_timeout = p.duration(
             "shutdown.timeout",

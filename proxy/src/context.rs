@@ -37,8 +37,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(config: Config) -> Self {
+        let topology = Topology::new(&config.nodes);
+        topology.set_prefer_highest_timeline(config.routing.split_brain_highest_timeline);
         Context {
-            topology: Topology::new(&config.nodes),
+            topology,
             config: ArcSwap::from_pointee(config),
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: Shutdown::default(),

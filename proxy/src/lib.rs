@@ -88,7 +88,11 @@ impl Proxy {
         new.worker_threads = old.worker_threads;
         let nodes_changed = old.nodes != new.nodes;
         let nodes = new.nodes.clone();
+        let highest_timeline = new.routing.split_brain_highest_timeline;
         ctx.config.store(Arc::new(new));
+        if highest_timeline != old.routing.split_brain_highest_timeline {
+            ctx.topology.set_prefer_highest_timeline(highest_timeline);
+        }
         if nodes_changed {
             ctx.topology.set_nodes(&nodes);
             health::sync_checkers(ctx);

@@ -14,14 +14,24 @@ use crate::protocol::startup::StartupParams;
 use crate::topology::{NodeName, NodeStatus, Role, Snapshot, Topology};
 
 /// The node that takes writes: the one node in rotation that claims primary. None while there
-/// is no such node, and none while two claim it (split brain: writes go to neither).
+/// is no such node. While two claim it (split brain) writes go to neither, unless the policy
+/// says the highest timeline wins and exactly one node is on it.
 pub fn primary(snapshot: &Snapshot) -> Option<&NodeConfig> {
     let mut primaries = snapshot.primaries();
     let first = primaries.next()?;
-    if primaries.next().is_some() {
+    if primaries.next().is_none() {
+        return Some(&first.config);
+    }
+    if !snapshot.prefer_highest_timeline {
         return None;
     }
-    Some(&first.config)
+    let top = snapshot.primaries().filter_map(|n| n.wal.timeline).max()?;
+    let mut on_top = snapshot.primaries().filter(|n| n.wal.timeline == Some(top));
+    let winner = on_top.next()?;
+    if on_top.next().is_some() {
+        return None;
+    }
+    Some(&winner.config)
 }
 
 /// Where a session's transactions go: read-only when its user or database is configured so,
@@ -228,6 +238,26 @@ mod tests {
         see(&t, 0, Role::Primary);
         see(&t, 1, Role::Primary);
         assert!(primary(&t.load()).is_none());
+    }
+
+    #[test]
+    fn the_highest_timeline_wins_a_split_brain_only_when_configured() {
+        let t = Topology::new(&nodes(2));
+        see(&t, 0, Role::Primary);
+        see(&t, 1, Role::Primary);
+        for (i, tli) in [(0, 1), (1, 2)] {
+            t.update(&NodeName::new(format!("pg{i}")), |s| {
+                let mut n = s.clone();
+                n.wal.timeline = Some(tli);
+                n
+            });
+        }
+        assert!(
+            primary(&t.load()).is_none(),
+            "default: wait for an operator"
+        );
+        t.set_prefer_highest_timeline(true);
+        assert_eq!(primary(&t.load()).map(|n| n.port), Some(5001));
     }
 
     #[tokio::test(start_paused = true)]

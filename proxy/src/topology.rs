@@ -76,6 +76,8 @@ pub struct WalPosition {
     /// On a standby: seconds since the last replayed transaction while WAL is still waiting
     /// to be replayed (0 when replay has caught up with what was received).
     pub replay_delay: Option<f64>,
+    /// On a primary: the timeline it writes (a promotion starts a higher one).
+    pub timeline: Option<u32>,
 }
 
 /// What one health check saw.
@@ -215,6 +217,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeStatus>,
     /// An operator paused all new transactions (`POST /v1/pause`).
     pub paused: bool,
+    /// When two nodes claim primary, the one on the highest timeline takes writes
+    /// (`routing.split_brain = "highest_timeline"`); otherwise neither does.
+    pub prefer_highest_timeline: bool,
 }
 
 impl Snapshot {
@@ -262,6 +267,7 @@ impl Topology {
         let snapshot = Snapshot {
             nodes: nodes.iter().cloned().map(NodeStatus::new).collect(),
             paused: false,
+            prefer_highest_timeline: false,
         };
         Topology {
             current: ArcSwap::from_pointee(snapshot),
@@ -311,6 +317,16 @@ impl Topology {
             self.changed.send_modify(|g| *g += 1);
         }
         before
+    }
+
+    /// Sets the split-brain policy (from the config).
+    pub fn set_prefer_highest_timeline(&self, on: bool) {
+        self.current.rcu(|snap| {
+            let mut next = Snapshot::clone(snap);
+            next.prefer_highest_timeline = on;
+            next
+        });
+        self.changed.send_modify(|g| *g += 1);
     }
 
     /// Replaces the node list (config reload): nodes kept by name keep their status, new ones
@@ -407,6 +423,7 @@ mod tests {
         let snap = Snapshot {
             nodes: vec![a.clone(), b.clone()],
             paused: false,
+            prefer_highest_timeline: false,
         };
         assert!(snap.split_brain());
         let mut drained = a.clone();
@@ -414,12 +431,14 @@ mod tests {
         let snap = Snapshot {
             nodes: vec![drained, b.clone()],
             paused: false,
+            prefer_highest_timeline: false,
         };
         assert!(!snap.split_brain(), "a drained node is out of rotation");
         a = a.passive_failure("gone", 1, t);
         let snap = Snapshot {
             nodes: vec![a, b],
             paused: false,
+            prefer_highest_timeline: false,
         };
         assert!(!snap.split_brain());
         assert_eq!(snap.primaries().count(), 1);

@@ -573,3 +573,33 @@ async fn a_node_removed_by_reload_stops_taking_traffic_without_dropping_sessions
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_timeline_policy_a_split_brain_writes_to_the_newest_primary() {
+    let cluster = Arc::new(Mutex::new(start_cluster(2).await));
+    let mut opts = ha_options("10s");
+    opts.extra
+        .push_str("\n[routing]\nsplit_brain = \"highest_timeline\"\n");
+    let config = config_for(&cluster.lock().unwrap(), &opts);
+    let proxy = RunningProxy::start(&config).await;
+    let c = proxy.connect("app").await;
+    c.batch_execute("CREATE TABLE tl (x int)").await.unwrap();
+    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = proxy.admin_get("/v1/nodes").await;
+        if body.contains("\"split_brain\":true") && body.contains("\"primary\":\"pg1\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pg1 did not win: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.batch_execute("INSERT INTO tl VALUES (1)").await.unwrap();
+    let port: i32 = c
+        .query_one("SELECT current_setting('port')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(cluster.lock().unwrap().port(1)));
+    proxy.shutdown().await;
+}
