@@ -63,6 +63,8 @@ pub struct RawConfig {
     #[serde(default)]
     routing: RawRouting,
     #[serde(default)]
+    drain: RawDrain,
+    #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
     runtime: RawRuntime,
@@ -127,6 +129,13 @@ struct RawRouting {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDrain {
+    timeout: Option<String>,
+    on_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawShutdown {
     timeout: Option<String>,
 }
@@ -177,6 +186,9 @@ pub struct Config {
     pub hold_timeout: Duration,
     pub health: HealthConfig,
     pub routing: RoutingConfig,
+    /// After this long, sessions still on a draining node are handled per `drain_on_timeout`.
+    pub drain_timeout: Option<Duration>,
+    pub drain_on_timeout: DrainTimeoutAction,
     pub shutdown_timeout: Duration,
     /// Threads that run sessions: 0 one per core, 1 a single-threaded runtime.
     pub worker_threads: usize,
@@ -234,6 +246,16 @@ pub struct RoutingConfig {
     /// Two nodes claiming primary: the one on the highest timeline takes writes (otherwise
     /// neither does until an operator drains one).
     pub split_brain_highest_timeline: bool,
+}
+
+/// What happens to sessions still on a draining node at `drain.timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainTimeoutAction {
+    /// Keep waiting for them.
+    Wait,
+    /// End their transactions with an error (40001 inside a transaction, 40003 for a
+    /// statement in flight outside one) and move them; pinned sessions are closed (57P01).
+    EndTransactions,
 }
 
 /// Where a session's transactions may run.
@@ -537,6 +559,28 @@ impl RawConfig {
                 }
             },
         };
+        let drain_timeout = self
+            .drain
+            .timeout
+            .as_deref()
+            .map(|v| p.duration("drain.timeout", Some(v), Duration::from_secs(60)));
+        let drain_on_timeout = match self.drain.on_timeout.as_deref() {
+            None | Some("wait") => DrainTimeoutAction::Wait,
+            Some("end_transactions") => DrainTimeoutAction::EndTransactions,
+            Some(other) => {
+                p.add(
+                    "drain.on_timeout",
+                    format!("{other:?} is not an action (\"wait\" or \"end_transactions\")"),
+                );
+                DrainTimeoutAction::Wait
+            }
+        };
+        if drain_on_timeout == DrainTimeoutAction::EndTransactions && drain_timeout.is_none() {
+            p.add(
+                "drain.on_timeout",
+                "\"end_transactions\" needs drain.timeout",
+            );
+        }
         let shutdown_timeout = p.duration(
             "shutdown.timeout",
             self.shutdown.timeout.as_deref(),
@@ -583,6 +627,8 @@ impl RawConfig {
             hold_timeout,
             health,
             routing,
+            drain_timeout,
+            drain_on_timeout,
             shutdown_timeout,
             worker_threads,
             nodes,

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::config::DrainTimeoutAction;
 use crate::context::Context;
 use crate::load::LoadFigures;
 use crate::metrics as m;
@@ -121,9 +122,12 @@ fn mark_drained(ctx: &Context, node: &NodeName) {
     }
 }
 
-/// Watches a draining node until it is empty (then drained) or no longer draining.
+/// Watches a draining node until it is empty (then drained) or no longer draining; at
+/// `drain.timeout` with `on_timeout = "end_transactions"`, tells the sessions left to go now.
 async fn finish_when_empty(ctx: Arc<Context>, node: NodeName) {
     let stop = ctx.shutdown.hard.clone();
+    let started = Instant::now();
+    let mut evicted = false;
     loop {
         let draining = ctx
             .topology
@@ -133,9 +137,21 @@ async fn finish_when_empty(ctx: Arc<Context>, node: NodeName) {
         if !draining {
             return;
         }
-        if ctx.loads.figures(&node).is_empty() {
+        let figures = ctx.loads.figures(&node);
+        if figures.is_empty() {
             mark_drained(&ctx, &node);
             return;
+        }
+        let config = ctx.config.load();
+        if let Some(timeout) = config.drain_timeout {
+            if !evicted
+                && started.elapsed() >= timeout
+                && config.drain_on_timeout == DrainTimeoutAction::EndTransactions
+            {
+                warn!(%node, sessions = figures.sessions, pinned = figures.pinned, "drain timeout: ending the transactions still on the node");
+                ctx.loads.evict(&node);
+                evicted = true;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}

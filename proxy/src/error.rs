@@ -96,6 +96,9 @@ pub enum SessionError {
     /// The node ended the session with a FATAL error of its own, already relayed.
     #[error("the node ended the session")]
     NodeEnded,
+    /// The session held state that cannot move, and its node's drain timed out.
+    #[error("node {0} was drained and this session held state that cannot move (temporary tables, LISTEN, session locks, prepared SQL or held cursors)")]
+    PinnedNodeDrained(NodeName),
 }
 
 impl SessionError {
@@ -114,7 +117,9 @@ impl SessionError {
             | SessionError::BackendLost { .. }
             | SessionError::NodeEnded
             | SessionError::NoPrimary(_) => Side::Node,
-            SessionError::TooManyConnections | SessionError::Shutdown => Side::Graywire,
+            SessionError::TooManyConnections
+            | SessionError::Shutdown
+            | SessionError::PinnedNodeDrained(_) => Side::Graywire,
         }
     }
 
@@ -144,7 +149,7 @@ impl SessionError {
             SessionError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
             SessionError::NoPrimary(_) | SessionError::Backend(_) => SqlState::CANNOT_CONNECT_NOW,
             SessionError::BackendLost { .. } => SqlState::CONNECTION_FAILURE,
-            SessionError::Shutdown => SqlState::ADMIN_SHUTDOWN,
+            SessionError::Shutdown | SessionError::PinnedNodeDrained(_) => SqlState::ADMIN_SHUTDOWN,
         })
     }
 

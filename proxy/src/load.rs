@@ -7,16 +7,29 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use tokio::sync::watch;
 
 use crate::metrics as m;
 use crate::topology::NodeName;
 
-/// One node's live counts.
-#[derive(Debug, Default)]
+/// One node's live counts, and the signal that ends the transactions still on it.
+#[derive(Debug)]
 pub struct NodeLoad {
     sessions: AtomicI64,
     backend_connections: AtomicI64,
     pinned: AtomicI64,
+    evict: watch::Sender<u64>,
+}
+
+impl Default for NodeLoad {
+    fn default() -> Self {
+        NodeLoad {
+            sessions: AtomicI64::new(0),
+            backend_connections: AtomicI64::new(0),
+            pinned: AtomicI64::new(0),
+            evict: watch::channel(0).0,
+        }
+    }
 }
 
 /// A copy of one node's counts.
@@ -59,15 +72,23 @@ impl NodeLoads {
         }
     }
 
+    /// Tells every session on `node` to leave it now, ending an open transaction if need be.
+    pub fn evict(&self, node: &NodeName) {
+        self.entry(node).evict.send_modify(|g| *g += 1);
+    }
+
     /// Counts a session bound to `node` while the guard lives.
     pub fn bind(&self, node: &NodeName) -> Binding {
         let load = self.entry(node);
         load.sessions.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!(m::NODE_SESSIONS, "node" => node.to_string()).increment(1.0);
+        let mut evictions = load.evict.subscribe();
+        evictions.mark_unchanged();
         Binding {
             node: node.clone(),
             load,
             pinned: false,
+            evictions,
         }
     }
 
@@ -103,6 +124,8 @@ pub struct Binding {
     node: NodeName,
     load: Arc<NodeLoad>,
     pinned: bool,
+    /// Changes when the session must leave the node at once (drain timeout).
+    pub evictions: watch::Receiver<u64>,
 }
 
 impl Binding {

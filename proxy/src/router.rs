@@ -240,6 +240,140 @@ mod tests {
         assert!(primary(&t.load()).is_none());
     }
 
+    fn standby_at(t: &Topology, i: usize, lsn: u64, delay: f64) {
+        t.update(&NodeName::new(format!("pg{i}")), |s| {
+            let mut n = s.clone();
+            n.wal.lsn = Some(lsn);
+            n.wal.replay_delay = Some(delay);
+            n
+        });
+    }
+
+    #[test]
+    fn read_only_sessions_go_to_the_least_loaded_standby_within_the_lag_bounds() {
+        let t = Topology::new(&nodes(3));
+        see(&t, 0, Role::Primary);
+        see(&t, 1, Role::Standby);
+        see(&t, 2, Role::Standby);
+        standby_at(&t, 0, 1000, 0.0);
+        standby_at(&t, 1, 1000, 0.0);
+        standby_at(&t, 2, 900, 0.0);
+        let loads = NodeLoads::default();
+        let _busy = loads.bind(&NodeName::new("pg1"));
+        let mut routing = RoutingConfig {
+            read_fallback_to_primary: true,
+            ..RoutingConfig::default()
+        };
+        let pick =
+            |r: &RoutingConfig| choose(&t.load(), Target::ReadOnly, r, &loads).map(|n| n.port);
+        assert_eq!(pick(&routing), Some(5002), "least loaded");
+        routing.max_lag_bytes = Some(50);
+        assert_eq!(pick(&routing), Some(5001), "pg2 is 100 bytes behind");
+        routing.max_lag = Some(Duration::from_secs(1));
+        standby_at(&t, 1, 1000, 5.0);
+        assert_eq!(
+            pick(&routing),
+            Some(5000),
+            "no standby qualifies: the primary"
+        );
+        routing.read_fallback_to_primary = false;
+        assert_eq!(pick(&routing), None, "without fallback the request is held");
+        assert_eq!(
+            choose(&t.load(), Target::ReadWrite, &routing, &loads).map(|n| n.port),
+            Some(5000)
+        );
+        assert!(fits(
+            &t.load(),
+            &NodeName::new("pg0"),
+            Target::ReadWrite,
+            &routing
+        ));
+        assert!(!fits(
+            &t.load(),
+            &NodeName::new("pg1"),
+            Target::ReadOnly,
+            &routing
+        ));
+    }
+
+    #[test]
+    fn drained_nodes_take_nothing_new() {
+        let t = Topology::new(&nodes(2));
+        see(&t, 0, Role::Primary);
+        see(&t, 1, Role::Standby);
+        t.update(&NodeName::new("pg0"), |s| {
+            let mut n = s.clone();
+            n.admin = crate::topology::AdminState::Draining;
+            n
+        });
+        assert!(primary(&t.load()).is_none());
+        let routing = RoutingConfig::default();
+        assert_eq!(
+            choose(&t.load(), Target::ReadOnly, &routing, &NodeLoads::default()).map(|n| n.port),
+            Some(5001)
+        );
+    }
+
+    #[test]
+    fn read_only_is_asked_by_user_database_or_startup_parameter() {
+        use crate::config::ClientAuth;
+        let user = |target| UserConfig {
+            name: "u".into(),
+            auth: ClientAuth::Trust,
+            backend: None,
+            target,
+            pool_mode: None,
+        };
+        let params = |pairs: &[(&str, &str)]| StartupParams {
+            params: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            minor: 0,
+        };
+        let routing = RoutingConfig {
+            read_only_databases: vec!["reports".into()],
+            ..RoutingConfig::default()
+        };
+        let rw = user(Target::ReadWrite);
+        let cases: &[(&[(&str, &str)], Target)] = &[
+            (&[("user", "u")], Target::ReadWrite),
+            (&[("user", "u"), ("database", "reports")], Target::ReadOnly),
+            (
+                &[("user", "u"), ("default_transaction_read_only", "on")],
+                Target::ReadOnly,
+            ),
+            (
+                &[
+                    ("user", "u"),
+                    ("options", "-c default_transaction_read_only=on"),
+                ],
+                Target::ReadOnly,
+            ),
+            (
+                &[
+                    ("user", "u"),
+                    ("options", "--default_transaction_read_only=true"),
+                ],
+                Target::ReadOnly,
+            ),
+            (
+                &[
+                    ("user", "u"),
+                    ("options", "-c default_transaction_read_only=off"),
+                ],
+                Target::ReadWrite,
+            ),
+        ];
+        for (p, want) in cases {
+            assert_eq!(session_target(&routing, &rw, &params(p)), *want, "{p:?}");
+        }
+        assert_eq!(
+            session_target(&routing, &user(Target::ReadOnly), &params(&[("user", "u")])),
+            Target::ReadOnly
+        );
+    }
+
     #[test]
     fn the_highest_timeline_wins_a_split_brain_only_when_configured() {
         let t = Topology::new(&nodes(2));

@@ -603,3 +603,57 @@ async fn with_the_timeline_policy_a_split_brain_writes_to_the_newest_primary() {
     assert_eq!(port, i32::from(cluster.lock().unwrap().port(1)));
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_drain_timeout_open_transactions_end_with_40001_and_pinned_sessions_close() {
+    let cluster = start_cluster(1).await;
+    let mut opts = ha_options("10s");
+    opts.extra
+        .push_str("\n[drain]\ntimeout = \"1s\"\non_timeout = \"end_transactions\"\n");
+    let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
+    let setup = proxy.connect("app").await;
+    setup
+        .batch_execute("CREATE TABLE dt (x int)")
+        .await
+        .unwrap();
+    let in_tx = proxy.connect("app").await;
+    in_tx
+        .batch_execute("BEGIN; INSERT INTO dt VALUES (1)")
+        .await
+        .unwrap();
+    let pinned = proxy.connect("app").await;
+    pinned
+        .batch_execute("CREATE TEMP TABLE keep (x int)")
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=10s").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for the drain timeout"
+    );
+
+    // The open transaction was ended: its COMMIT learns it was rolled back.
+    let err = in_tx.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("40001"), "{err:?}");
+    // The pinned session was closed with 57P01.
+    let err = pinned.simple_query("SELECT 1").await.unwrap_err();
+    assert!(pinned.is_closed(), "{err:?}");
+
+    proxy.admin_post("/v1/nodes/pg0/undrain").await;
+    in_tx
+        .batch_execute("INSERT INTO dt VALUES (2)")
+        .await
+        .unwrap();
+    let rows: Vec<i32> = in_tx
+        .query("SELECT x FROM dt ORDER BY x", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![2], "the ended transaction left nothing");
+    proxy.shutdown().await;
+}

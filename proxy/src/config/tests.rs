@@ -75,6 +75,17 @@ fn each_bad_value_is_named_by_its_key() {
         (with("[backend]", "[health]\nfall = 0\n[backend]"), "health.fall: 0 is out of range"),
         (with("[backend]", "[pool]\nmode = \"statement\"\n[backend]"), "pool.mode: \"statement\" is not a pool mode"),
         (with("[backend]", "[shutdown]\ntimeout = \"x\"\n[backend]"), "shutdown.timeout: \"x\" is not a duration"),
+        (with("[backend]", "[pool]\nsize = 0\n[backend]"), "pool.size: 0 is out of range"),
+        (with("[backend]", "[pool]\nidle_timeout = \"never\"\n[backend]"), "pool.idle_timeout: \"never\" is not a duration"),
+        (with("[backend]", "[routing]\nmax_lag = \"far\"\n[backend]"), "routing.max_lag: \"far\" is not a duration"),
+        (with("[backend]", "[routing]\nmax_lag_bytes = \"1QB\"\n[backend]"), "routing.max_lag_bytes: \"1QB\" has an unknown unit"),
+        (with("[backend]", "[routing]\nsplit_brain = \"coin\"\n[backend]"), "routing.split_brain: \"coin\" is not a policy"),
+        (with("[backend]", "[routing]\nread_only_databases = \"x\"\n[backend]"), "invalid type"),
+        (with("[backend]", "[drain]\ntimeout = \"soon\"\n[backend]"), "drain.timeout: \"soon\" is not a duration"),
+        (with("[backend]", "[drain]\non_timeout = \"panic\"\n[backend]"), "drain.on_timeout: \"panic\" is not an action"),
+        (with("[backend]", "[drain]\non_timeout = \"end_transactions\"\n[backend]"), "drain.on_timeout: \"end_transactions\" needs drain.timeout"),
+        (with("auth = \"trust\"", "auth = \"trust\"\ntarget = \"replica\""), "users[0].target: \"replica\" is not a target"),
+        (with("auth = \"trust\"", "auth = \"trust\"\npool_mode = \"statement\""), "users[0].pool_mode: \"statement\" is not a pool mode"),
         (with("[backend]", "[runtime]\nworker_threads = -1\n[backend]"), "runtime.worker_threads: -1 is out of range"),
         (with("address = \"127.0.0.1:6432\"", "address = \"127.0.0.1:6432\"\nmax_message_size = \"12XB\""), "listener.max_message_size: \"12XB\" has an unknown unit"),
         (with("address = \"127.0.0.1:6432\"", "address = \"127.0.0.1:6432\"\nmax_message_size = 10"), "listener.max_message_size: 10 bytes is out of range"),
@@ -101,6 +112,30 @@ fn each_bad_value_is_named_by_its_key() {
         let got = problems(&text);
         assert!(got.contains(want), "expected {want:?} in:\n{got}");
     }
+}
+
+#[test]
+fn ha_settings_parse() {
+    let text = with(
+        "[backend]",
+        "[pool]\nmode = \"transaction\"\nsize = 7\n[routing]\nmax_lag = \"2s\"\nmax_lag_bytes = \"16MB\"\n\
+         read_fallback_to_primary = false\nread_only_databases = [\"reports\"]\nsplit_brain = \"highest_timeline\"\n\
+         [drain]\ntimeout = \"30s\"\non_timeout = \"end_transactions\"\n[backend]",
+    )
+    .replace("auth = \"trust\"", "auth = \"trust\"\ntarget = \"read-only\"\npool_mode = \"session\"");
+    let c = Config::from_toml(&text).expect("valid");
+    assert_eq!(c.pool_mode, PoolMode::Transaction);
+    assert_eq!(c.pool_size, 7);
+    assert_eq!(c.routing.max_lag, Some(Duration::from_secs(2)));
+    assert_eq!(c.routing.max_lag_bytes, Some(16 << 20));
+    assert!(!c.routing.read_fallback_to_primary);
+    assert_eq!(c.routing.read_only_databases, vec!["reports".to_owned()]);
+    assert!(c.routing.split_brain_highest_timeline);
+    assert_eq!(c.drain_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(c.drain_on_timeout, DrainTimeoutAction::EndTransactions);
+    let app = c.user("app").expect("app");
+    assert_eq!(app.target, Target::ReadOnly);
+    assert_eq!(c.pool_mode_of(app), PoolMode::Session);
 }
 
 #[test]

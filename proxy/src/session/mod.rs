@@ -271,6 +271,7 @@ impl Session<'_> {
                 hold_requests: paused,
                 recheck_at: self.recheck_at,
                 release_at_boundary,
+                evictions: &mut a.binding.evictions,
             },
         )
         .await;
@@ -285,6 +286,7 @@ impl Session<'_> {
             }
             Ok(RelayEnd::BackendClosed(reason)) => self.backend_lost(reason).await.map(|()| None),
             Ok(RelayEnd::Boundary) => self.at_boundary().await.map(|()| None),
+            Ok(RelayEnd::Evicted) => self.evicted().await.map(|()| None),
             Err(e) => {
                 self.close_backend().await;
                 Err(e)
@@ -466,15 +468,58 @@ impl Session<'_> {
         }
     }
 
+    /// The node's drain timed out (`drain.on_timeout = "end_transactions"`): leave it now. A
+    /// pinned session cannot move and is closed; a transaction in progress ends with the
+    /// same answers as a failover.
+    async fn evicted(&mut self) -> Result<(), SessionError> {
+        let Some(a) = self.attached.as_ref() else {
+            return Ok(());
+        };
+        let node = a.conn.node.clone();
+        if a.binding.is_pinned() {
+            self.close_backend().await;
+            return Err(SessionError::PinnedNodeDrained(node));
+        }
+        if self.tracker.at_boundary() {
+            if let Some(captured) = self.capture().await? {
+                self.settings = captured.settings;
+            }
+            metrics::counter!(m::MIGRATIONS_TOTAL, "reason" => "drain").increment(1);
+            self.close_backend().await;
+            return Ok(());
+        }
+        if self.tracker.unanswered > 0 {
+            if let Some(target) = self.cancel.target() {
+                if let Err(e) = crate::cancel::send_cancel(&target, CANCEL_TIMEOUT).await {
+                    warn!(parent: self.span, error = %e, "could not cancel the query of an evicted session");
+                }
+            }
+        }
+        self.backend_gone("the node's drain timed out".into(), false)
+            .await
+    }
+
     /// The backend connection died or the node is going away.
     async fn backend_lost(&mut self, reason: String) -> Result<(), SessionError> {
+        self.backend_gone(reason, true).await
+    }
+
+    /// The backend connection is gone (or given up): answer what was in flight. With
+    /// `node_failed`, it counts as a failed health check of the node.
+    async fn backend_gone(
+        &mut self,
+        reason: String,
+        node_failed: bool,
+    ) -> Result<(), SessionError> {
         let span = self.span;
         let Some(a) = self.attached.take() else {
             return Ok(());
         };
         let node = a.conn.node.clone();
         self.cancel.set_target(None);
-        health::passive_failure(self.ctx, &node, &reason);
+        if node_failed {
+            health::passive_failure(self.ctx, &node, &reason);
+        }
         drop(a);
         let t = &mut self.tracker;
         if t.node_said_fatal {

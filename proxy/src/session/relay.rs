@@ -43,6 +43,8 @@ pub enum RelayEnd {
     BackendClosed(String),
     /// graywire is shutting down and the session is at a boundary (or the hard deadline hit).
     Shutdown,
+    /// The node's drain timed out: the session must leave it now, mid-transaction or not.
+    Evicted,
     /// The session is at a transaction boundary and has something to decide there: the
     /// topology changed, a setting may have changed, a pinned session's recheck is due, or new
     /// transactions are held. Client bytes that arrived stay unscanned in the up pipe.
@@ -506,6 +508,8 @@ pub struct BoundaryWatch<'a> {
     pub recheck_at: Option<tokio::time::Instant>,
     /// Transaction mode: stop at every boundary (the connection goes back to its pool).
     pub release_at_boundary: bool,
+    /// Changes when the session must leave its node at once.
+    pub evictions: &'a mut watch::Receiver<u64>,
 }
 
 /// Scans client bytes waiting in the up pipe and sends what may go now. `Some` when the
@@ -583,7 +587,8 @@ pub async fn run(
     let recheck = tokio::time::sleep_until(recheck_at.unwrap_or(far));
     let mut changed = changes.has_changed().unwrap_or(false);
     let change = changes.changed();
-    tokio::pin!(soft, hard, recheck, change);
+    let evicted = watch.evictions.changed();
+    tokio::pin!(soft, hard, recheck, change, evicted);
     let mut recheck_due = false;
     // Asked once here; afterwards the pinned futures report it (is_cancelled takes a lock).
     let mut stopping = shutdown.soft.is_cancelled();
@@ -626,6 +631,12 @@ pub async fn run(
             _ = &mut hard => stop_now = true,
             _ = &mut soft, if !stopping => stopping = true,
             _ = &mut change, if !changed => changed = true,
+            r = &mut evicted => {
+                if r.is_ok() {
+                    t.publish_bytes();
+                    return Ok(RelayEnd::Evicted);
+                }
+            }
             _ = &mut recheck, if !recheck_due && recheck_at.is_some() => recheck_due = true,
             r = client_rd.read_buf(&mut up.buf), if up.ready == 0 => {
                 let n = r.map_err(SessionError::ClientGone)?;
