@@ -1,4 +1,5 @@
-//! The session state machine: one client connection, from its first byte to its close.
+//! The session state machine: one client connection, from its first byte to its close. A
+//! session outlives its backend connections: it moves between them at transaction boundaries.
 //!
 //! ```text
 //!   Opening ──SSLRequest/GSSENCRequest──▶ answer 'N' ──▶ Opening
@@ -6,11 +7,21 @@
 //!      ▼ StartupMessage
 //!   Authenticating ──unknown user 28000 / bad password 28P01──▶ Closing
 //!      ▼ ok
-//!   Connecting: hold until a primary is known (57P03 after hold_timeout), open a backend
-//!      connection with graywire's credentials (the node's refusal is relayed as it is)
+//!   Connecting: hold until a node fits (FATAL 57P03 after hold_timeout), lease a backend
+//!      connection (new, or pooled in transaction mode)
 //!      ▼ AuthenticationOk, the node's ParameterStatus, graywire's BackendKeyData, ReadyForQuery
-//!   Ready ⇄ InTransaction: relay; the status comes from each ReadyForQuery
-//!      ▼ Terminate or EOF │ node lost (08006) │ shutdown at a boundary (57P01) │ bad message (08P01)
+//!   ┌▶ Attached: relay; the status comes from each ReadyForQuery
+//!   │    │ at a boundary (I, nothing in flight) with something to decide:
+//!   │    │   node still fits ─────────────────────────────▶ Attached
+//!   │    │   node drained/down/demoted, or pool mode ──capture──▶ pinned? ─yes─▶ Attached
+//!   │    │                                                       └─no─▶ Detached
+//!   │    │ backend dies (EOF, or the node's FATAL 57P0x, withheld):
+//!   │    │   requests in flight get 40001 (in a transaction) / 40003 (COMMIT, autocommit)
+//!   │    ▼                                                   ──▶ Detached or Aborted
+//!   │  Detached: wait for the client's next request; hold it until a node fits (ERROR 57P03
+//!   └─── after hold_timeout); lease a connection, replay settings and statements
+//!      Aborted (the transaction died with its backend): answer locally, 25P02 until ROLLBACK
+//!      ▼ Terminate or EOF │ shutdown at a boundary (57P01) │ bad message (08P01)
 //!   Closing: cancel a query still running, Terminate the backend, FATAL to the client if owed
 //! ```
 //!
