@@ -173,9 +173,11 @@ async fn planned_switchover_under_write_load_loses_nothing_and_closes_nothing() 
         promoted - promote_started,
         first_after - promote_started,
     );
+    // The stall covers the operator's whole procedure (drain, stop, promote); graywire may
+    // add at most a second to it.
     assert!(
-        longest < (promoted - promote_started) + Duration::from_secs(1),
-        "the write stall exceeds the promotion by more than a second"
+        longest < (promoted - drain_started) + Duration::from_secs(1),
+        "the write stall exceeds the switchover by more than a second"
     );
     proxy.shutdown().await;
 }
