@@ -6,7 +6,7 @@
 #   bench/pgbench.sh --quick    # smoke run (DURATION=3 ROUNDS=1)
 #
 # Environment: DURATION ROUNDS CLIENTS JOBS SCALE WARMUP WORKLOADS RESULTS_DIR GRAYWIRE_BIN
-#              GW_THREADS
+#              GW_THREADS TX_TARGETS
 #              PGBOUNCER_BIN PG_BINDIR CHURN_EXTRAS KEEP_TMP (see --help).
 set -euo pipefail
 
@@ -34,7 +34,9 @@ Environment (defaults in brackets):
   WARMUP         seconds of select-only warm-up per target before measuring, 0 to skip [5]
   WORKLOADS      space-separated subset of:
                  select-simple select-extended select-prepared tpcb churn  [all five]
-  CHURN_EXTRAS   1: churn also runs direct-trust (no auth) and PgBouncer in transaction mode [1]
+  CHURN_EXTRAS   1: churn also runs direct-trust (no auth), graywire and PgBouncer in
+                 transaction mode [1]
+  TX_TARGETS     1: every workload also runs graywire and PgBouncer in transaction mode [0]
   RESULTS_DIR    where the CSV and the report go [bench/results]
   GRAYWIRE_BIN   use this graywire binary instead of `cargo build --release -p graywire`
   GW_THREADS     graywire's runtime.worker_threads: 1 single-threaded like PgBouncer, 0 one
@@ -66,6 +68,7 @@ SCALE=${SCALE:-10}
 WARMUP=${WARMUP:-5}
 WORKLOADS=${WORKLOADS:-select-simple select-extended select-prepared tpcb churn}
 CHURN_EXTRAS=${CHURN_EXTRAS:-1}
+TX_TARGETS=${TX_TARGETS:-0}
 RESULTS_DIR=${RESULTS_DIR:-$SCRIPT_DIR/results}
 KEEP_TMP=${KEEP_TMP:-0}
 
@@ -349,6 +352,7 @@ password = "$PG_PASSWORD"
 
 [pool]
 mode = "session"
+size = $((CLIENTS + 4))
 
 [shutdown]
 timeout = "2s"
@@ -364,6 +368,12 @@ port = $PG_PORT
 [[users]]
 name = "bench"
 auth = "trust"
+
+# The same clients in transaction mode (the graywire-tx target).
+[[users]]
+name = "bench_tx"
+auth = "trust"
+pool_mode = "transaction"
 EOF
 chmod 600 "$GW_CONF"
 NO_COLOR=1 "$GRAYWIRE_BIN" run --config "$GW_CONF" >"$GW_LOG" 2>&1 &
@@ -490,7 +500,9 @@ workload_title() {
 }
 targets_for() {
     if [[ $1 == churn && $CHURN_EXTRAS == 1 ]]; then
-        echo "direct direct-trust graywire pgbouncer pgbouncer-tx"
+        echo "direct direct-trust graywire pgbouncer graywire-tx pgbouncer-tx"
+    elif [[ $TX_TARGETS == 1 ]]; then
+        echo "direct graywire pgbouncer graywire-tx pgbouncer-tx"
     else
         echo "direct graywire pgbouncer"
     fi
@@ -499,7 +511,7 @@ pool_mode_of() {
     case "$1" in
         direct | direct-trust) echo "-" ;;
         graywire | pgbouncer) echo "session" ;;
-        pgbouncer-tx) echo "transaction" ;;
+        graywire-tx | pgbouncer-tx) echo "transaction" ;;
     esac
 }
 
@@ -517,6 +529,8 @@ pgbench_to() {
             timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$PG_PORT" -U bench_direct "$@" bench >"$out" 2>&1 ;;
         graywire)
             timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$GW_PORT" -U bench "$@" bench >"$out" 2>&1 ;;
+        graywire-tx)
+            timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$GW_PORT" -U bench_tx "$@" bench >"$out" 2>&1 ;;
         pgbouncer)
             timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$PB_PORT" -U bench "$@" bench >"$out" 2>&1 ;;
         pgbouncer-tx)
@@ -526,7 +540,7 @@ pgbench_to() {
 
 proxy_pid_of() {
     case "$1" in
-        graywire) echo "$GW_PID" ;;
+        graywire | graywire-tx) echo "$GW_PID" ;;
         pgbouncer | pgbouncer-tx) echo "$PB_PID" ;;
         *) echo "" ;;
     esac
@@ -540,7 +554,7 @@ record_failure() {
     cp "$out" "$FAIL_DIR/$wl-r$round-$target.pgbench.txt"
     log "FAILED: $wl round $round $target (pgbench exit $rc); last lines of its output:"
     tail -n 15 "$out" | sed 's/^/    /' >&2
-    if [[ $target == graywire ]]; then
+    if [[ $target == graywire* ]]; then
         log "last lines of graywire's log:"
         tail -n 15 "$GW_LOG" | sed 's/^/    /' >&2
     elif [[ $target == pgbouncer* ]]; then
@@ -621,7 +635,7 @@ workload_table() {
             printf "  %-13s %-12s %12s %21s %10s   %-34s %s\n", "target", "pool mode", "median TPS", "min..max TPS", "vs direct", "proxy CPU us/tx (user / sys)", "failed tx / errors"
             for (i = 1; i <= nt; i++) {
                 t = tg[i]
-                mode = (t ~ /^direct/) ? "-" : (t == "pgbouncer-tx") ? "transaction" : "session"
+                mode = (t ~ /^direct/) ? "-" : (t ~ /-tx$/) ? "transaction" : "session"
                 if (med[t] == "") { printf "  %-13s %-12s %12s %21s %10s   %-34s %s\n", t, mode, "n/a", "", "", "", "0 / " err[t] + 0; continue }
                 ratio = (med["direct"] != "" && med["direct"] > 0) ? sprintf("%.3f", med[t] / med["direct"]) : "n/a"
                 cpu_s = (mcpu[t] != "") ? sprintf("%.1f (%.1f / %.1f)", mcpu[t], musr[t], msys[t]) : "-"
@@ -649,9 +663,9 @@ summary_table() {
                     x = mtps(w[i], "direct-trust")
                     printf "  %-16s %11s %14s %14s %14s %15s %16s\n", "  (direct-trust)", sprintf("%.1f", x), ratio(g, x), ratio(p, x), "", "", ""
                 }
-                if (w[i] == "churn" && n[w[i], "pgbouncer-tx"] > 0) {
-                    x = mtps(w[i], "pgbouncer-tx")
-                    printf "  %-16s %11s %14s %14s %14s %15s %16s\n", "  (pgbouncer-tx)", "", "", ratio(x, d), ratio(g, x), "", us(mcpu(w[i], "pgbouncer-tx"))
+                if (n[w[i], "pgbouncer-tx"] > 0 || n[w[i], "graywire-tx"] > 0) {
+                    gx = mtps(w[i], "graywire-tx"); px = mtps(w[i], "pgbouncer-tx")
+                    printf "  %-16s %11s %14s %14s %14s %15s %16s\n", "  (transaction)", "", ratio(gx, d), ratio(px, d), ratio(gx, px), us(mcpu(w[i], "graywire-tx")), us(mcpu(w[i], "pgbouncer-tx"))
                 }
             }
         }' "$CSV"
@@ -685,10 +699,10 @@ for wl in $WORKLOADS; do
     if [[ $wl == churn ]]; then
         say "   Note: every pgbench connection is new. direct: pgbench and postgres do a SCRAM exchange and"
         say "   postgres forks a backend per connection; direct-trust: the same without authentication."
-        say "   graywire (session mode, client auth trust) opens a new backend connection with SCRAM for"
-        say "   every client connection, so it cannot beat direct-trust today. PgBouncer (client auth trust)"
-        say "   keeps server connections pooled across client connections in session and transaction mode,"
-        say "   which is the point of a pooler under churn."
+        say "   graywire in session mode (client auth trust) opens a new backend connection with SCRAM for"
+        say "   every client connection; graywire-tx (transaction mode) takes one from its pool. PgBouncer"
+        say "   (client auth trust) keeps server connections pooled across client connections in session"
+        say "   and transaction mode, which is the point of a pooler under churn."
     fi
     say ""
     wl_index=$((wl_index + 1))

@@ -24,6 +24,22 @@ pub struct SessionReport {
 }
 
 impl SessionReport {
+    /// Records one transaction's outcome; false when the connection is closed (the loop ends).
+    fn record(&mut self, result: Result<i64, tokio_postgres::Error>, closed: bool) -> bool {
+        match result {
+            Ok(v) => self.acked.push((Instant::now(), v)),
+            Err(e) if closed => {
+                self.closed = true;
+                self.errors.push(format!("closed: {e}"));
+                return false;
+            }
+            Err(e) => self
+                .errors
+                .push(crate::sqlstate(&e).unwrap_or_else(|| format!("{e:?}"))),
+        }
+        true
+    }
+
     /// The longest time between consecutive acknowledgements, counted from `since`.
     pub fn longest_gap(&self, since: Instant) -> Duration {
         let mut last = since;
@@ -82,18 +98,12 @@ impl Load {
                     } else {
                         client.execute(&stmt, &[&id, &n]).await.map(|_| ())
                     };
-                    match result {
-                        Ok(()) => r.acked.push((Instant::now(), n)),
-                        Err(e) => {
-                            if client.is_closed() {
-                                r.closed = true;
-                                r.errors.push(format!("closed: {e}"));
-                                break;
-                            }
-                            r.errors
-                                .push(crate::sqlstate(&e).unwrap_or_else(|| format!("{e:?}")));
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
+                    let failed = result.is_err();
+                    if !r.record(result.map(|()| n), client.is_closed()) {
+                        break;
+                    }
+                    if failed {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 }
                 r
@@ -121,20 +131,12 @@ impl Load {
                 };
                 let limit = Instant::now() + LOAD_LIMIT;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
-                    match client
+                    let result = client
                         .query_one("SELECT current_setting('port')::int8", &[])
                         .await
-                    {
-                        Ok(row) => r.acked.push((Instant::now(), row.get(0))),
-                        Err(e) => {
-                            if client.is_closed() {
-                                r.closed = true;
-                                r.errors.push(format!("closed: {e}"));
-                                break;
-                            }
-                            r.errors
-                                .push(crate::sqlstate(&e).unwrap_or_else(|| format!("{e:?}")));
-                        }
+                        .map(|row| row.get(0));
+                    if !r.record(result, client.is_closed()) {
+                        break;
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }

@@ -24,11 +24,7 @@ fn ha_options(hold: &str) -> ProxyOptions {
 const READ_ONLY: &str = " options='-c default_transaction_read_only=on'";
 
 /// Every (writer, n) row in `table` on node `i`, read directly.
-async fn rows_on(
-    cluster: &Arc<Mutex<graywire::localcluster::LocalCluster>>,
-    i: usize,
-    table: &str,
-) -> HashSet<(i32, i64)> {
+async fn rows_on(cluster: &SharedCluster, i: usize, table: &str) -> HashSet<(i32, i64)> {
     let dsn = cluster.lock().unwrap().dsn(i);
     let c = connect(&dsn).await;
     c.query(&format!("SELECT writer, n FROM {table}"), &[])
@@ -105,18 +101,27 @@ async fn draining_a_standby_under_read_load_moves_every_session_without_errors()
     proxy.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn planned_switchover_under_write_load_loses_nothing_and_closes_nothing() {
+type SharedCluster = Arc<Mutex<graywire::localcluster::LocalCluster>>;
+
+/// A 3-node cluster, graywire in front, and 16 writers inserting into `table` for a second.
+async fn writing_cluster(table: &str) -> (SharedCluster, RunningProxy, Load) {
     let cluster = Arc::new(Mutex::new(start_cluster(3).await));
     let config = config_for(&cluster.lock().unwrap(), &ha_options("30s"));
     let proxy = RunningProxy::start(&config).await;
     let c = proxy.connect("app").await;
-    c.batch_execute("CREATE TABLE sw (writer int, n int8, PRIMARY KEY (writer, n))")
-        .await
-        .unwrap();
-
-    let load = Load::writers(&proxy.dsn("app"), "sw", 16).await;
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (writer int, n int8, PRIMARY KEY (writer, n))"
+    ))
+    .await
+    .unwrap();
+    let load = Load::writers(&proxy.dsn("app"), table, 16).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    (cluster, proxy, load)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_under_write_load_loses_nothing_and_closes_nothing() {
+    let (cluster, proxy, load) = writing_cluster("sw").await;
 
     let drain_started = Instant::now();
     let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
@@ -193,15 +198,7 @@ fn load_start(reports: &[graywire_tests::load::SessionReport]) -> Instant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_failover_answers_in_flight_transactions_and_keeps_connections() {
-    let cluster = Arc::new(Mutex::new(start_cluster(3).await));
-    let config = config_for(&cluster.lock().unwrap(), &ha_options("30s"));
-    let proxy = RunningProxy::start(&config).await;
-    let c = proxy.connect("app").await;
-    c.batch_execute("CREATE TABLE cf (writer int, n int8, PRIMARY KEY (writer, n))")
-        .await
-        .unwrap();
-    let load = Load::writers(&proxy.dsn("app"), "cf", 16).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cluster, proxy, load) = writing_cluster("cf").await;
 
     let killed = Instant::now();
     cluster_op(&cluster, |c| c.kill9(0)).await.unwrap();
