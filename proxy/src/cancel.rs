@@ -2,7 +2,7 @@
 //! which backend (node address and that backend's key) runs the session's queries right now,
 //! so a cancel reaches the right process even after the session moved.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::protocol::startup::CancelKey;
 
@@ -29,12 +30,22 @@ pub enum CancelOutcome {
     UnknownKey,
     /// The session has no backend right now: nothing runs, nothing to cancel.
     Idle,
+    /// The session's request was held waiting for a node; it is answered with 57014.
+    HeldCancelled,
     Failed(String),
 }
 
 struct Entry {
     secret: u32,
     target: Arc<ArcSwapOption<CancelTarget>>,
+    hold: Arc<HoldSignal>,
+}
+
+/// Lets a CancelRequest reach a session whose request is held (it has no backend to cancel).
+#[derive(Default)]
+struct HoldSignal {
+    holding: AtomicBool,
+    cancelled: Notify,
 }
 
 /// All live sessions' keys.
@@ -58,6 +69,7 @@ pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     key: CancelKey,
     target: Arc<ArcSwapOption<CancelTarget>>,
+    hold: Arc<HoldSignal>,
 }
 
 impl CancelHandle {
@@ -74,6 +86,38 @@ impl CancelHandle {
     pub fn target(&self) -> Option<Arc<CancelTarget>> {
         self.target.load_full()
     }
+
+    /// What ends the session's held request when the client cancels it.
+    pub fn hold_signal(&self) -> HoldCancel {
+        HoldCancel(self.hold.clone())
+    }
+
+    /// See [`HoldCancel::cancellable`].
+    pub async fn cancellable<T>(&self, held: impl std::future::Future<Output = T>) -> Option<T> {
+        self.hold_signal().cancellable(held).await
+    }
+}
+
+/// A session's held-request signal, apart from its handle (so the session can hold while it
+/// changes itself).
+pub struct HoldCancel(Arc<HoldSignal>);
+
+impl HoldCancel {
+    /// Runs `held` (a request waiting for a node) until it finishes or the client cancels it;
+    /// `None` when cancelled.
+    pub async fn cancellable<T>(&self, held: impl std::future::Future<Output = T>) -> Option<T> {
+        let hold = &self.0;
+        let cancelled = hold.cancelled.notified();
+        tokio::pin!(cancelled);
+        cancelled.as_mut().enable();
+        hold.holding.store(true, Ordering::Release);
+        let result = tokio::select! {
+            r = held => Some(r),
+            _ = cancelled => None,
+        };
+        hold.holding.store(false, Ordering::Release);
+        result
+    }
 }
 
 impl Drop for CancelHandle {
@@ -86,6 +130,7 @@ impl CancelRegistry {
     /// Allocates a key no live session holds.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         let target = Arc::new(ArcSwapOption::empty());
+        let hold = Arc::new(HoldSignal::default());
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
             if pid == 0 {
@@ -96,11 +141,13 @@ impl CancelRegistry {
                 v.insert(Entry {
                     secret,
                     target: target.clone(),
+                    hold: hold.clone(),
                 });
                 return CancelHandle {
                     registry: self.clone(),
                     key: CancelKey { pid, secret },
                     target,
+                    hold,
                 };
             }
         }
@@ -122,10 +169,16 @@ impl CancelRegistry {
         if entry.secret != key.secret {
             return Err(CancelOutcome::UnknownKey);
         }
+        // A held request runs nowhere yet, even if the session keeps a backend connection.
+        if entry.hold.holding.load(Ordering::Acquire) {
+            entry.hold.cancelled.notify_waiters();
+            return Err(CancelOutcome::HeldCancelled);
+        }
         Ok(entry.target.load_full())
     }
 
-    /// Forwards a client's CancelRequest to the backend running that session's query.
+    /// Forwards a client's CancelRequest to the backend running that session's query, or
+    /// ends the session's held request.
     pub async fn forward(&self, key: CancelKey, timeout: Duration) -> CancelOutcome {
         match self.lookup(key) {
             Err(outcome) => outcome,
@@ -179,6 +232,36 @@ mod tests {
         let t = Duration::from_millis(100);
         assert_eq!(reg.forward(wrong, t).await, CancelOutcome::UnknownKey);
         assert_eq!(reg.forward(h.key(), t).await, CancelOutcome::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_a_held_request() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        let key = h.key();
+        let reg2 = reg.clone();
+        let canceller = tokio::spawn(async move {
+            // Retry until the hold is registered (bounded).
+            for _ in 0..100 {
+                if reg2.forward(key, Duration::from_millis(100)).await
+                    == CancelOutcome::HeldCancelled
+                {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            false
+        });
+        let held = h
+            .cancellable(tokio::time::sleep(Duration::from_secs(30)))
+            .await;
+        assert!(held.is_none(), "the hold ended by the cancel");
+        assert!(canceller.await.expect("join"));
+        // Not holding any more: a cancel finds nothing to do.
+        assert_eq!(
+            reg.forward(key, Duration::from_millis(100)).await,
+            CancelOutcome::Idle
+        );
     }
 
     #[tokio::test]

@@ -198,6 +198,9 @@ pub enum RequestError {
     /// A node refused the session's new backend connection.
     #[error("node {node} refused a connection for this session: {message}")]
     NodeRefused { node: NodeName, message: String },
+    /// The client cancelled its request while it was held.
+    #[error("canceling statement due to user request")]
+    Cancelled,
     /// Like PostgreSQL: commands in a failed transaction are refused until it ends.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     InFailedTransaction,
@@ -212,6 +215,7 @@ impl RequestError {
                 SqlState::CANNOT_CONNECT_NOW
             }
             RequestError::InFailedTransaction => SqlState::IN_FAILED_SQL_TRANSACTION,
+            RequestError::Cancelled => SqlState::QUERY_CANCELED,
         }
     }
 
@@ -313,6 +317,7 @@ mod tests {
                 "57P03",
             ),
             (RequestError::InFailedTransaction, "25P02"),
+            (RequestError::Cancelled, "57014"),
         ];
         for (e, code) in cases {
             assert_eq!(e.sqlstate().code(), code, "{e}");

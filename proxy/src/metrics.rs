@@ -20,7 +20,7 @@ pub const BACKEND_CONNECTIONS: &str = "graywire_backend_connections";
 pub const CLIENT_ERRORS_TOTAL: &str = "graywire_client_errors_total";
 /// Time from a client's request to the ReadyForQuery that answers it.
 pub const QUERY_DURATION_SECONDS: &str = "graywire_query_duration_seconds";
-/// CancelRequests received (`result`: forwarded, unknown_key, failed).
+/// CancelRequests received (`result`: forwarded, unknown_key, idle, held_cancelled, failed).
 pub const CANCEL_REQUESTS_TOTAL: &str = "graywire_cancel_requests_total";
 /// 1 when the node's health is up, 0 otherwise (label `node`).
 pub const NODE_UP: &str = "graywire_node_up";
@@ -160,7 +160,13 @@ pub fn register_zeroes() {
     ] {
         metrics::counter!(CLIENT_CONNECTIONS_TOTAL, "result" => result).absolute(0);
     }
-    for result in ["forwarded", "unknown_key", "idle", "failed"] {
+    for result in [
+        "forwarded",
+        "unknown_key",
+        "idle",
+        "held_cancelled",
+        "failed",
+    ] {
         metrics::counter!(CANCEL_REQUESTS_TOTAL, "result" => result).absolute(0);
     }
     metrics::gauge!(SESSIONS).increment(0.0);

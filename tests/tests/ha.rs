@@ -656,3 +656,30 @@ async fn at_the_drain_timeout_open_transactions_end_with_40001_and_pinned_sessio
     assert_eq!(rows, vec![2], "the ended transaction left nothing");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_ends_a_held_request_with_57014() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ha_options("30s"))).await;
+    let c = Arc::new(proxy.connect("app").await);
+    let token = c.cancel_token();
+    proxy.admin_post("/v1/pause").await;
+    let held = {
+        let c = c.clone();
+        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "held while paused");
+    let started = Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(2), held)
+        .await
+        .expect("the cancel ends the hold at once")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    proxy.admin_post("/v1/resume").await;
+    c.simple_query("SELECT 1").await.unwrap();
+    proxy.shutdown().await;
+}

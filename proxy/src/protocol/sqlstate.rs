@@ -31,6 +31,8 @@ impl SqlState {
     pub const SERIALIZATION_FAILURE: SqlState = SqlState("40001");
     /// 40003: the node died while the statement or COMMIT ran; its outcome is unknown.
     pub const STATEMENT_COMPLETION_UNKNOWN: SqlState = SqlState("40003");
+    /// 57014: the client cancelled a request graywire was holding.
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
     /// 25P02: the transaction failed; commands are ignored until it ends.
     pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
     /// XX000: a graywire bug.

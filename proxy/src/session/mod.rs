@@ -256,7 +256,14 @@ impl Session<'_> {
             if self.pipes.up.buf[0] == b'X' {
                 return Ok("session");
             }
-            if let Err(e) = self.attach_for_request().await {
+            let cancel = self.cancel.hold_signal();
+            let attached = cancel.cancellable(self.attach_for_request()).await;
+            let refused = match attached {
+                Some(Ok(())) => None,
+                Some(Err(e)) => Some(e),
+                None => Some(RequestError::Cancelled),
+            };
+            if let Some(e) = refused {
                 if self.answer_locally(Answer::Refuse(e)).await? {
                     return Ok("session");
                 }
@@ -341,13 +348,20 @@ impl Session<'_> {
         if snapshot.paused && !self.pipes.up.buf.is_empty() {
             // Paused: the client's next transaction waits here, its connection untouched.
             let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
-            let held =
-                router::hold(&self.ctx.topology, deadline, |s| (!s.paused).then_some(())).await;
-            if let Err(SessionError::NoPrimary(waited)) = held {
-                if self
-                    .answer_locally(Answer::Refuse(RequestError::NoNode(waited)))
-                    .await?
-                {
+            let started = tokio::time::Instant::now();
+            let held = self
+                .cancel
+                .cancellable(router::hold(&self.ctx.topology, deadline, |s| {
+                    (!s.paused).then_some(())
+                }))
+                .await;
+            let refused = match held {
+                Some(Ok(())) => None,
+                Some(Err(_)) => Some(RequestError::NoNode(started.elapsed())),
+                None => Some(RequestError::Cancelled),
+            };
+            if let Some(e) = refused {
+                if self.answer_locally(Answer::Refuse(e)).await? {
                     return Err(SessionError::ClientGone(
                         std::io::ErrorKind::UnexpectedEof.into(),
                     ));
@@ -902,6 +916,7 @@ async fn open_and_authenticate<'c>(
                 CancelOutcome::Forwarded => "forwarded",
                 CancelOutcome::UnknownKey => "unknown_key",
                 CancelOutcome::Idle => "idle",
+                CancelOutcome::HeldCancelled => "held_cancelled",
                 CancelOutcome::Failed(reason) => {
                     warn!(%reason, "could not forward a cancel request");
                     "failed"
