@@ -1,7 +1,9 @@
 //! The admin HTTP API (hyper, JSON): `GET /v1/nodes`, `POST /v1/nodes/{name}/drain?wait=…`,
 //! `POST /v1/nodes/{name}/undrain`, `POST /v1/pause`, `POST /v1/resume`, `/metrics`,
-//! `/healthz`, `/readyz`. Errors are JSON objects with a message. With `admin.token` set,
-//! every mutating call needs `Authorization: Bearer <token>` (401 otherwise).
+//! `/healthz`, `/readyz`, and with a probe `GET /v1/gate?window=…` and `GET /v1/probe`. Errors
+//! are JSON objects with a message. With `admin.token` set, every mutating call needs
+//! `Authorization: Bearer <token>` (401 otherwise). A standalone probe (`graywire probe`)
+//! serves the same API without the proxy's endpoints.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +22,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use graywire_probe::gate::GateQuery;
+use graywire_probe::Probe;
+use tokio_util::sync::CancellationToken;
+
 use crate::context::Context;
 use crate::drain::{self, NoSuchNode};
 use crate::router;
@@ -32,13 +38,17 @@ type Reply = Response<Full<Bytes>>;
 
 /// What the admin server needs.
 pub struct Admin {
-    pub ctx: Arc<Context>,
+    /// The proxy (absent in a standalone probe).
+    pub ctx: Option<Arc<Context>>,
+    pub probe: Option<Probe>,
     pub metrics: Option<PrometheusHandle>,
+    /// The server stops when this is cancelled.
+    pub stop: CancellationToken,
 }
 
 /// Serves the admin API until hard shutdown.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
-    let stop = admin.ctx.shutdown.hard.clone();
+    let stop = admin.stop.clone();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -76,15 +86,22 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
         segments.as_slice(),
         ["v1", "pause" | "resume"] | ["v1", "nodes", _, "drain" | "undrain"]
     );
-    if mutating && method == Method::POST && !authorized(admin, &req) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "this call needs the admin token: Authorization: Bearer <admin.token>",
-        );
+    if let Some(ctx) = &admin.ctx {
+        if mutating && method == Method::POST && !authorized(ctx, &req) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "this call needs the admin token: Authorization: Bearer <admin.token>",
+            );
+        }
     }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, ["readyz"]) => readyz(admin),
+        (&Method::GET, ["v1", "gate"]) => gate(admin, &query),
+        (&Method::GET, ["v1", "probe"]) => probe_status(admin, &query),
+        (_, ["v1", "gate" | "probe"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{method} is not allowed on {path}"),
+        ),
         (&Method::GET, ["metrics"]) => match &admin.metrics {
             Some(h) => {
                 let mut r = text(StatusCode::OK, h.render());
@@ -99,12 +116,36 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
                 "metrics recorder is not installed",
             ),
         },
-        (&Method::GET, ["v1", "nodes"]) => nodes(admin),
-        (&Method::POST, ["v1", "nodes", name, "drain"]) => drain(admin, name, &query).await,
-        (&Method::POST, ["v1", "nodes", name, "undrain"]) => undrain(admin, name),
-        (&Method::POST, ["v1", "pause"]) => pause(admin, true),
-        (&Method::POST, ["v1", "resume"]) => pause(admin, false),
-        (_, ["healthz" | "readyz" | "metrics"] | ["v1", "nodes"])
+        (_, ["healthz" | "metrics"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{method} is not allowed on {path}"),
+        ),
+        _ => match &admin.ctx {
+            Some(ctx) => proxy_route(ctx, &method, &segments, &path, &query).await,
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint: {path} (this is a standalone probe)"),
+            ),
+        },
+    }
+}
+
+/// The proxy's own endpoints.
+async fn proxy_route(
+    ctx: &Arc<Context>,
+    method: &Method,
+    segments: &[&str],
+    path: &str,
+    query: &str,
+) -> Reply {
+    match (method, segments) {
+        (&Method::GET, ["readyz"]) => readyz(ctx),
+        (&Method::GET, ["v1", "nodes"]) => nodes(ctx),
+        (&Method::POST, ["v1", "nodes", name, "drain"]) => drain(ctx, name, query).await,
+        (&Method::POST, ["v1", "nodes", name, "undrain"]) => undrain(ctx, name),
+        (&Method::POST, ["v1", "pause"]) => pause(ctx, true),
+        (&Method::POST, ["v1", "resume"]) => pause(ctx, false),
+        (_, ["readyz"] | ["v1", "nodes"])
         | (_, ["v1", "pause" | "resume"] | ["v1", "nodes", _, "drain" | "undrain"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{method} is not allowed on {path}"),
@@ -113,9 +154,51 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
     }
 }
 
+/// `GET /v1/gate?window=30s&max_stall=1s&…`: 200 on pass, 503 on fail, 400 on a bad query.
+fn gate(admin: &Admin, query: &str) -> Reply {
+    let Some(probe) = &admin.probe else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no probe is running: add a [probe] section to the config",
+        );
+    };
+    let q = match GateQuery::parse(query) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let nodes = admin
+        .ctx
+        .as_ref()
+        .map(|ctx| crate::probe::node_figures(ctx));
+    let verdict = probe.gate(&q, nodes.as_deref());
+    let status = if verdict.pass {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = serde_json::to_value(&verdict).unwrap_or_default();
+    body["reasons"] = json!(verdict.reasons());
+    json_reply(status, body)
+}
+
+/// `GET /v1/probe?window=60s`: the probe's figures.
+fn probe_status(admin: &Admin, query: &str) -> Reply {
+    let Some(probe) = &admin.probe else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no probe is running: add a [probe] section to the config",
+        );
+    };
+    let q = match GateQuery::parse(query) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    json_reply(StatusCode::OK, probe.status(q.window))
+}
+
 /// True when no token is configured, or the request carries it.
-fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
-    let config = admin.ctx.config.load();
+fn authorized(ctx: &Context, req: &Request<Incoming>) -> bool {
+    let config = ctx.config.load();
     let Some(token) = &config.admin.token else {
         return true;
     };
@@ -156,13 +239,13 @@ fn wait_param(query: &str) -> Result<Duration, String> {
     Ok(wait)
 }
 
-async fn drain(admin: &Admin, name: &str, query: &str) -> Reply {
+async fn drain(ctx: &Arc<Context>, name: &str, query: &str) -> Reply {
     let wait = match wait_param(query) {
         Ok(w) => w,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     let node = NodeName::new(name);
-    match drain::drain(&admin.ctx, &node, wait).await {
+    match drain::drain(ctx, &node, wait).await {
         Err(NoSuchNode) => no_such_node(name),
         Ok(report) => {
             let status = if report.drained {
@@ -170,8 +253,7 @@ async fn drain(admin: &Admin, name: &str, query: &str) -> Reply {
             } else {
                 StatusCode::ACCEPTED
             };
-            let state = admin
-                .ctx
+            let state = ctx
                 .topology
                 .load()
                 .node(&node)
@@ -195,9 +277,9 @@ async fn drain(admin: &Admin, name: &str, query: &str) -> Reply {
     }
 }
 
-fn undrain(admin: &Admin, name: &str) -> Reply {
+fn undrain(ctx: &Context, name: &str) -> Reply {
     let node = NodeName::new(name);
-    match drain::undrain(&admin.ctx, &node) {
+    match drain::undrain(ctx, &node) {
         Err(NoSuchNode) => no_such_node(name),
         Ok(before) => json_reply(
             StatusCode::OK,
@@ -206,8 +288,8 @@ fn undrain(admin: &Admin, name: &str) -> Reply {
     }
 }
 
-fn pause(admin: &Admin, paused: bool) -> Reply {
-    let before = drain::set_paused(&admin.ctx, paused);
+fn pause(ctx: &Context, paused: bool) -> Reply {
+    let before = drain::set_paused(ctx, paused);
     json_reply(
         StatusCode::OK,
         json!({"paused": paused, "was_paused": before}),
@@ -218,8 +300,7 @@ fn no_such_node(name: &str) -> Reply {
     error(StatusCode::NOT_FOUND, &format!("no node named {name:?}"))
 }
 
-fn readyz(admin: &Admin) -> Reply {
-    let ctx = &admin.ctx;
+fn readyz(ctx: &Context) -> Reply {
     if ctx.shutdown.soft.is_cancelled() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
@@ -232,13 +313,13 @@ fn readyz(admin: &Admin) -> Reply {
     }
 }
 
-fn nodes(admin: &Admin) -> Reply {
-    let snapshot = admin.ctx.topology.load();
+fn nodes(ctx: &Context) -> Reply {
+    let snapshot = ctx.topology.load();
     let nodes: Vec<_> = snapshot
         .nodes
         .iter()
         .map(|n| {
-            let load = admin.ctx.loads.figures(n.name());
+            let load = ctx.loads.figures(n.name());
             json!({
                 "name": n.name().as_str(),
                 "address": format!("{}:{}", n.config.host, n.config.port),
@@ -258,12 +339,38 @@ fn nodes(admin: &Admin) -> Reply {
         StatusCode::OK,
         json!({
             "nodes": nodes,
-            "sessions": admin.ctx.open_sessions(),
+            "sessions": ctx.open_sessions(),
             "paused": snapshot.paused,
             "split_brain": snapshot.split_brain(),
             "primary": router::primary(&snapshot).map(|n| n.name.as_str()),
         }),
     )
+}
+
+/// A minimal HTTP/1.1 GET (for `graywire gate`): returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10s"))?
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {

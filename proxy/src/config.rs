@@ -64,6 +64,7 @@ pub struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     drain: RawDrain,
+    probe: Option<RawProbe>,
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
@@ -129,6 +130,21 @@ struct RawRouting {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawProbe {
+    user: Option<String>,
+    password: Option<Secret>,
+    database: Option<String>,
+    target: Option<String>,
+    writer: Option<String>,
+    interval: Option<String>,
+    mode: Option<String>,
+    attempt_timeout: Option<String>,
+    verify_interval: Option<String>,
+    horizon: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawDrain {
     timeout: Option<String>,
     on_timeout: Option<String>,
@@ -189,6 +205,8 @@ pub struct Config {
     /// After this long, sessions still on a draining node are handled per `drain_on_timeout`.
     pub drain_timeout: Option<Duration>,
     pub drain_on_timeout: DrainTimeoutAction,
+    /// The integrated probe (`[probe]`), when configured.
+    pub probe: Option<ProbeSettings>,
     pub shutdown_timeout: Duration,
     /// Threads that run sessions: 0 one per core, 1 a single-threaded runtime.
     pub worker_threads: usize,
@@ -246,6 +264,23 @@ pub struct RoutingConfig {
     /// Two nodes claiming primary: the one on the highest timeline takes writes (otherwise
     /// neither does until an operator drains one).
     pub split_brain_highest_timeline: bool,
+}
+
+/// The integrated probe: it logs in to graywire's own listener as one of `[[users]]` (or to
+/// `target`), so it takes the path application traffic takes.
+#[derive(Debug, Clone)]
+pub struct ProbeSettings {
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    /// A libpq-style connection string to probe instead of graywire's own listener.
+    pub target: Option<String>,
+    pub writer: Option<String>,
+    pub interval: Duration,
+    pub mode: graywire_probe::Mode,
+    pub attempt_timeout: Duration,
+    pub verify_interval: Duration,
+    pub horizon: Duration,
 }
 
 /// What happens to sessions still on a draining node at `drain.timeout`.
@@ -581,6 +616,9 @@ impl RawConfig {
                 "\"end_transactions\" needs drain.timeout",
             );
         }
+        let probe = self
+            .probe
+            .map(|raw| validate_probe(&mut p, raw, &self.users));
         let shutdown_timeout = p.duration(
             "shutdown.timeout",
             self.shutdown.timeout.as_deref(),
@@ -629,11 +667,74 @@ impl RawConfig {
             routing,
             drain_timeout,
             drain_on_timeout,
+            probe,
             shutdown_timeout,
             worker_threads,
             nodes,
             users,
         })
+    }
+}
+
+fn validate_probe(p: &mut Problems, raw: RawProbe, users: &[RawUser]) -> ProbeSettings {
+    let user = match raw.user {
+        Some(u) if !u.is_empty() => {
+            if raw.target.is_none() && !users.iter().any(|x| x.name == u) {
+                p.add(
+                    "probe.user",
+                    format!("{u:?} is not one of [[users]] (the probe logs in to graywire)"),
+                );
+            }
+            u
+        }
+        _ => {
+            p.add("probe.user", "required: the user the probe logs in as");
+            String::new()
+        }
+    };
+    if let Some(t) = &raw.target {
+        if let Err(e) = t.parse::<tokio_postgres::Config>() {
+            p.add("probe.target", format!("not a connection string: {e}"));
+        }
+    }
+    if raw.writer.as_deref().is_some_and(str::is_empty) {
+        p.add("probe.writer", "must not be empty");
+    }
+    let interval = p.duration(
+        "probe.interval",
+        raw.interval.as_deref(),
+        Duration::from_millis(100),
+    );
+    let mode = match graywire_probe::Mode::parse(raw.mode.as_deref().unwrap_or("retry")) {
+        Ok(m) => m,
+        Err(e) => {
+            p.add("probe.mode", e);
+            graywire_probe::Mode::Retry
+        }
+    };
+    ProbeSettings {
+        user,
+        password: raw.password,
+        database: raw.database.unwrap_or_else(|| "postgres".to_owned()),
+        target: raw.target,
+        writer: raw.writer,
+        interval,
+        mode,
+        attempt_timeout: p.duration(
+            "probe.attempt_timeout",
+            raw.attempt_timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+        verify_interval: p.duration(
+            "probe.verify_interval",
+            raw.verify_interval.as_deref(),
+            Duration::from_secs(1),
+        ),
+        horizon: p.duration(
+            "probe.horizon",
+            raw.horizon.as_deref(),
+            Duration::from_secs(3600),
+        ),
     }
 }
 

@@ -45,7 +45,8 @@ pub fn demo_config(cluster: &LocalCluster, listen: SocketAddr, admin: SocketAddr
     let mut toml = format!(
         "[listener]\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n\
          [backend]\nuser = \"{}\"\npassword = \"{}\"\n\n[shutdown]\ntimeout = \"5s\"\n\n\
-         [[users]]\nname = \"{DEMO_USER}\"\nauth = \"scram-sha-256\"\npassword = \"{DEMO_PASSWORD}\"\n",
+         [[users]]\nname = \"{DEMO_USER}\"\nauth = \"scram-sha-256\"\npassword = \"{DEMO_PASSWORD}\"\n\n\
+         [probe]\nuser = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\nwriter = \"demo\"\n",
         cluster.superuser(),
         cluster.password(),
     );
@@ -128,6 +129,8 @@ async fn serve(
          \n  connect: psql \"postgres://{DEMO_USER}:{DEMO_PASSWORD}@{listen}/postgres\"\
          \n  admin:   http://{admin_addr}/v1/nodes\
          \n  metrics: http://{admin_addr}/metrics\
+         \n  gate:    http://{admin_addr}/v1/gate?window=30s&max_stall=1s&max_gaps=0\
+         \n  probe:   http://{admin_addr}/v1/probe (writes ids through graywire every 100 ms)\
          \n\n  nodes:\n    {:<6} {:<22} {:<8} STATE\n{table}\npress Ctrl-C to stop",
         "NAME",
         "ADDRESS",

@@ -27,6 +27,7 @@ pub mod load;
 pub mod localcluster;
 pub mod metrics;
 pub mod pool;
+pub mod probe;
 pub mod protocol;
 pub mod router;
 pub mod session;
@@ -138,6 +139,14 @@ impl Proxy {
         let ctx = &self.ctx;
         let config = ctx.config.load_full();
         let metrics_handle = metrics::install();
+        let probe = match (&config.probe, listener.local_addr()) {
+            (Some(settings), Ok(addr)) => Some(probe::start(ctx, settings, addr)),
+            (Some(_), Err(e)) => {
+                tracing::error!(error = %e, "the probe cannot learn the listener's address; not started");
+                None
+            }
+            (None, _) => None,
+        };
         health::sync_checkers(ctx);
         tokio::spawn(pool::janitor(ctx.clone()));
         if let Some(h) = &metrics_handle {
@@ -145,8 +154,10 @@ impl Proxy {
         }
         if let Some(admin) = admin {
             let server = Arc::new(admin::Admin {
-                ctx: ctx.clone(),
+                ctx: Some(ctx.clone()),
+                probe,
                 metrics: metrics_handle,
+                stop: ctx.shutdown.hard.clone(),
             });
             tokio::spawn(admin::serve(server, admin));
         }

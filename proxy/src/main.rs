@@ -51,6 +51,72 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Run the write-continuity probe standalone against any endpoint (a node, PgBouncer,
+    /// HAProxy, graywire), serving /metrics, /v1/gate and /v1/probe.
+    Probe(ProbeArgs),
+    /// Ask a graywire (or standalone probe) for its gate verdict; with --wait, poll until it
+    /// passes. Exit 0 pass, 1 fail or timeout (reasons printed), 2 usage error.
+    Gate(GateArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Connection string of the endpoint under test (postgres://… or key=value).
+    #[arg(long)]
+    target: String,
+    /// Where to read ids back from (default: the target). Give the primary directly to keep
+    /// the read-back off the path under test.
+    #[arg(long)]
+    verify: Option<String>,
+    /// Address of the HTTP API (/metrics, /v1/gate, /v1/probe).
+    #[arg(long, default_value = "127.0.0.1:9931")]
+    listen: SocketAddr,
+    /// Write interval.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    interval: std::time::Duration,
+    /// retry: retry a failed id until written; skip: never retry (failures leave gaps).
+    #[arg(long, default_value = "retry", value_parser = graywire_probe::Mode::parse)]
+    mode: graywire_probe::Mode,
+    /// Names this probe's rows (default: hostname-pid).
+    #[arg(long)]
+    writer: Option<String>,
+    /// Bound on one write attempt.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    attempt_timeout: std::time::Duration,
+    /// How often ids are read back.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    verify_interval: std::time::Duration,
+}
+
+#[derive(clap::Args)]
+struct GateArgs {
+    /// Base URL of the admin API (http://host:port).
+    #[arg(long, default_value = "http://127.0.0.1:9930")]
+    admin: String,
+    #[arg(long, default_value = "30s")]
+    window: String,
+    #[arg(long)]
+    max_stall: Option<String>,
+    #[arg(long)]
+    max_gaps: Option<String>,
+    #[arg(long)]
+    max_p99: Option<String>,
+    #[arg(long)]
+    max_lag: Option<String>,
+    /// Poll until the gate passes (or --timeout).
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+    /// With --wait: time between polls.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 30s): {e}"))
 }
 
 fn main() -> ExitCode {
@@ -99,6 +165,10 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Probe(args) => {
+            runtime_then(0, |stop| async move { probe_standalone(args, stop).await })
+        }
+        Command::Gate(args) => gate_command(args),
         Command::Demo {
             nodes,
             port,
@@ -170,6 +240,119 @@ fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
         stop.cancel();
     });
     Ok(())
+}
+
+/// `graywire probe`: the probe against any endpoint, with its own HTTP API.
+async fn probe_standalone(args: ProbeArgs, stop: CancellationToken) -> anyhow::Result<()> {
+    let mut target: tokio_postgres::Config = args
+        .target
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--target is not a connection string: {e}"))?;
+    target
+        .application_name("graywire probe")
+        .connect_timeout(args.attempt_timeout);
+    let verify: tokio_postgres::Config = match &args.verify {
+        Some(v) => v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--verify is not a connection string: {e}"))?,
+        None => target.clone(),
+    };
+    let mut config = graywire_probe::ProbeConfig::new(target);
+    if let Some(w) = args.writer {
+        config.writer = w;
+    }
+    config.interval = args.interval;
+    config.mode = args.mode;
+    config.attempt_timeout = args.attempt_timeout;
+    config.verify_interval = args.verify_interval;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let metrics = graywire::metrics::install();
+    let probe =
+        graywire_probe::Probe::start(config, Arc::new(move || Some(verify.clone())), stop.clone());
+    info!(listen = %args.listen, writer = %probe.config().writer, "probe running");
+    let admin = Arc::new(graywire::admin::Admin {
+        ctx: None,
+        probe: Some(probe),
+        metrics,
+        stop: stop.clone(),
+    });
+    graywire::admin::serve(admin, listener).await;
+    Ok(())
+}
+
+/// `graywire gate`: 0 pass, 1 fail/timeout, 2 usage.
+fn gate_command(args: GateArgs) -> ExitCode {
+    let mut query = graywire_probe::gate::GateQuery::default();
+    let flags = [
+        ("window", Some(args.window.as_str())),
+        ("max_stall", args.max_stall.as_deref()),
+        ("max_gaps", args.max_gaps.as_deref()),
+        ("max_p99", args.max_p99.as_deref()),
+        ("max_lag", args.max_lag.as_deref()),
+    ];
+    for (key, value) in flags {
+        if let Some(v) = value {
+            if let Err(e) = query.set(key, v) {
+                eprintln!("graywire gate: --{}: {e}", key.replace('_', "-"));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(addr) = args
+        .admin
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/').to_owned())
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+    else {
+        eprintln!(
+            "graywire gate: --admin must look like http://host:port, not {:?}",
+            args.admin
+        );
+        return ExitCode::from(2);
+    };
+    let path = format!("/v1/gate?{}", query.to_query());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("graywire gate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let deadline = tokio::time::Instant::now() + args.timeout;
+        loop {
+            let last = match graywire::admin::http_get(&addr, &path).await {
+                Ok((200, body)) => {
+                    println!("gate passed: {body}");
+                    return ExitCode::SUCCESS;
+                }
+                Ok((503, body)) => {
+                    let reasons = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["reasons"].as_array().cloned())
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|r| r.as_str().map(String::from))
+                        .collect::<Vec<_>>();
+                    format!("gate failed:\n  {}", reasons.join("\n  "))
+                }
+                Ok((400, body)) => {
+                    eprintln!("graywire gate: refused: {body}");
+                    return ExitCode::from(2);
+                }
+                Ok((status, body)) => format!("unexpected answer {status}: {body}"),
+                Err(e) => format!("cannot reach {addr}: {e}"),
+            };
+            if !args.wait || tokio::time::Instant::now() + args.poll > deadline {
+                eprintln!("{last}");
+                return ExitCode::from(1);
+            }
+            tokio::time::sleep(args.poll).await;
+        }
+    })
 }
 
 /// SIGHUP: read the config file again; apply it if valid, otherwise keep the running config

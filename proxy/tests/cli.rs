@@ -354,3 +354,91 @@ fn sighup_reloads_nodes_and_keeps_the_old_config_when_the_new_one_is_invalid() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn gate_refuses_bad_flags_with_exit_2_and_reports_an_unreachable_admin_with_1() {
+    for args in [
+        vec!["gate", "--window", "soon"],
+        vec!["gate", "--max-gaps", "many"],
+        vec!["gate", "--admin", "ftp://x"],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["gate", "--admin", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn a_standalone_probe_serves_its_gate_and_graywire_gate_waits_on_it() {
+    use graywire::localcluster::{ClusterSpec, LocalCluster, StopMode};
+    let mut cluster = LocalCluster::start(ClusterSpec::new(1).unwrap()).unwrap();
+    let listen = free_port();
+    let child = Command::new(BIN)
+        .args(["probe", "--target", &cluster.dsn(0), "--listen"])
+        .arg(format!("127.0.0.1:{listen}"))
+        .args([
+            "--writer",
+            "cli-test",
+            "--verify-interval",
+            "300ms",
+            "--attempt-timeout",
+            "500ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id());
+    let admin = format!("http://127.0.0.1:{listen}");
+    let gate = |extra: &[&str]| {
+        Command::new(BIN)
+            .args([
+                "gate",
+                "--admin",
+                &admin,
+                "--window",
+                "3s",
+                "--max-stall",
+                "500ms",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = gate(&["--wait", "--timeout", "20s", "--poll", "200ms"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = http_get(&format!("127.0.0.1:{listen}"), "/metrics");
+    assert!(
+        metrics.contains("graywire_probe_writes_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(http_get(&format!("127.0.0.1:{listen}"), "/v1/nodes").contains("standalone probe"));
+
+    cluster.stop(0, StopMode::Fast).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let out = gate(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_stall"), "{err}");
+    cluster.start_node(0).unwrap();
+    let out = gate(&["--wait", "--timeout", "20s", "--poll", "200ms"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -98,6 +98,37 @@ impl LocalCluster {
         }
     }
 
+    /// Cuts standby `i` off its upstream (an empty `primary_conninfo`, reloaded): it stays a
+    /// standby but receives no more WAL, so it falls behind. Returns once its WAL receiver is
+    /// gone.
+    pub fn detach(&mut self, i: usize) -> Result<(), LocalClusterError> {
+        let node = self.node(i)?;
+        if !config::is_standby(&node.data_dir) {
+            return Err(LocalClusterError::NotAStandby(i));
+        }
+        if !node.is_running() {
+            return Err(LocalClusterError::NotRunning(i));
+        }
+        config::set_upstream(&node.data_dir, "")?;
+        node.send(Signal::SIGHUP)?;
+        let deadline = Instant::now() + REPLICATION_LIMIT;
+        loop {
+            let last = match node.psql(&self.host, "SELECT count(*) FROM pg_stat_wal_receiver") {
+                Ok(n) if n == "0" => return Ok(()),
+                Ok(n) => format!("{n} WAL receiver(s) still running"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(self.replication_timeout(
+                    format!("waiting for {}'s WAL receiver to stop", node.name),
+                    &last,
+                    [i],
+                ));
+            }
+            std::thread::sleep(POLL_SLOW);
+        }
+    }
+
     /// Makes standby `i` stream from node `new_primary`: rewrites its `primary_conninfo` (with
     /// `recovery_target_timeline = 'latest'`, so it follows a promotion's new timeline) and
     /// reloads it. If `i` is running, returns once its WAL receiver streams from `new_primary`
