@@ -128,8 +128,9 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
         }
     });
     let (mut url, mut admin, mut dir, mut roles) = (None, None, None, Vec::new());
+    let mut gate = None;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while url.is_none() || admin.is_none() || roles.len() < 3 {
+    while url.is_none() || admin.is_none() || gate.is_none() || roles.len() < 3 {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("demo prints its connection string within two minutes");
@@ -138,6 +139,9 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
         }
         if let Some(rest) = line.split("admin:   ").nth(1) {
             admin = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.split("gate:    http://").nth(1) {
+            gate = Some(rest.trim().to_owned());
         }
         if let Some(rest) = line.split("(cluster in ").nth(1) {
             dir = Some(rest.trim_end_matches(')').to_owned());
@@ -149,6 +153,22 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
     }
     let (url, dir) = (url.unwrap(), dir.unwrap());
     assert!(admin.unwrap().ends_with("/v1/nodes"));
+    // The demo's probe writes through graywire; its gate passes once it has a read-back.
+    let gate = gate.unwrap();
+    let (host, path) = gate.split_once('/').unwrap();
+    let path = format!("/{path}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = http_get(host, &path);
+        if body.contains("\"pass\":true") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo's gate does not pass: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     roles.sort();
     assert_eq!(
         roles,
