@@ -400,7 +400,7 @@ fn a_standalone_probe_serves_its_gate_and_graywire_gate_waits_on_it() {
     use graywire::localcluster::{ClusterSpec, LocalCluster, StopMode};
     let mut cluster = LocalCluster::start(ClusterSpec::new(1).unwrap()).unwrap();
     let listen = free_port();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["probe", "--target", &cluster.dsn(0), "--listen"])
         .arg(format!("127.0.0.1:{listen}"))
         .args([
@@ -415,7 +415,7 @@ fn a_standalone_probe_serves_its_gate_and_graywire_gate_waits_on_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = KillOnDrop(child.id());
+    let guard = KillOnDrop(child.id());
     let admin = format!("http://127.0.0.1:{listen}");
     let gate = |extra: &[&str]| {
         Command::new(BIN)
@@ -460,5 +460,11 @@ fn a_standalone_probe_serves_its_gate_and_graywire_gate_waits_on_it() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    drop(guard); // SIGTERM
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the probe exits cleanly on SIGTERM: {status}"
     );
 }
