@@ -43,6 +43,8 @@ pub fn set_admin_state(
         })
         .ok_or(NoSuchNode)?;
     export_admin_state(node, new.admin);
+    let known = crate::router::primary(&ctx.topology.load()).is_some();
+    metrics::gauge!(m::PRIMARY_KNOWN).set(if known { 1.0 } else { 0.0 });
     if old.admin != new.admin {
         info!(%node, from = admin_str(old.admin), to = admin_str(new.admin), "node operator state changed");
     }

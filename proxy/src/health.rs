@@ -49,6 +49,10 @@ pub fn stop_checkers(ctx: &Context) {
 
 /// Starts the checker of one node; it stops on hard shutdown.
 fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
+    m::register_node(node.name.as_str());
+    if let Some(status) = ctx.topology.load().node(&node.name) {
+        crate::drain::export_admin_state(&node.name, status.admin);
+    }
     tokio::spawn(async move {
         let stop = ctx.shutdown.hard.clone();
         tokio::select! {
@@ -142,6 +146,8 @@ fn apply(topology: &Topology, node: &NodeName, f: impl Fn(&NodeStatus) -> NodeSt
     }
     let split = snapshot.split_brain();
     metrics::gauge!(m::SPLIT_BRAIN).set(if split { 1.0 } else { 0.0 });
+    let known = router::primary(&snapshot).is_some();
+    metrics::gauge!(m::PRIMARY_KNOWN).set(if known { 1.0 } else { 0.0 });
     if split && (old.role != new.role || old.health != new.health) {
         let names: Vec<String> = snapshot.primaries().map(|n| n.name().to_string()).collect();
         warn!(primaries = ?names, "split brain: more than one node claims to be primary; no writes go to any of them");

@@ -32,6 +32,9 @@ pub const HEALTH_CHECKS_TOTAL: &str = "graywire_health_checks_total";
 pub const NODE_TRANSITIONS_TOTAL: &str = "graywire_node_transitions_total";
 /// 1 while more than one node claims to be primary.
 pub const SPLIT_BRAIN: &str = "graywire_split_brain";
+/// 1 while a primary takes writes (exactly one node up, in rotation, claiming primary, or the
+/// split-brain policy picked one).
+pub const PRIMARY_KNOWN: &str = "graywire_primary_known";
 /// Client requests waiting for a suitable node right now.
 pub const HELD_REQUESTS: &str = "graywire_held_requests";
 /// How long requests were held before a node took them or the hold timed out.
@@ -94,6 +97,7 @@ pub fn describe() {
     describe_gauge!(NODE_ROLE, "1 for the node's discovered role");
     describe_counter!(HEALTH_CHECKS_TOTAL, "Health checks run, by result");
     describe_counter!(NODE_TRANSITIONS_TOTAL, "Changes of node health or role");
+    describe_gauge!(PRIMARY_KNOWN, "1 while a primary takes writes");
     describe_gauge!(
         SPLIT_BRAIN,
         "1 while more than one node claims to be primary"
@@ -145,6 +149,23 @@ pub fn describe() {
     );
 }
 
+/// Registers one node's series at zero (or their initial value) when its checker starts, so
+/// every per-node panel has a series from the start.
+pub fn register_node(node: &str) {
+    let n = || node.to_owned();
+    metrics::gauge!(NODE_UP, "node" => n()).increment(0.0);
+    metrics::gauge!(NODE_SESSIONS, "node" => n()).increment(0.0);
+    metrics::gauge!(BACKEND_CONNECTIONS, "node" => n()).increment(0.0);
+    metrics::gauge!(PINNED_SESSIONS, "node" => n()).increment(0.0);
+    metrics::counter!(DRAINS_TOTAL, "node" => n()).absolute(0);
+    for result in ["ok", "failed"] {
+        metrics::counter!(HEALTH_CHECKS_TOTAL, "node" => n(), "result" => result).absolute(0);
+    }
+    for to in ["up", "down", "primary", "standby", "unknown"] {
+        metrics::counter!(NODE_TRANSITIONS_TOTAL, "node" => n(), "to" => to).absolute(0);
+    }
+}
+
 /// Registers the label sets that exist from the start at zero, so dashboards and alerts see
 /// a series before the first event rather than "no data".
 pub fn register_zeroes() {
@@ -173,7 +194,17 @@ pub fn register_zeroes() {
     metrics::gauge!(HELD_REQUESTS).increment(0.0);
     metrics::gauge!(SPLIT_BRAIN).increment(0.0);
     metrics::gauge!(PAUSED).increment(0.0);
-    for reason in ["drain", "role_change", "node_down", "failover"] {
+    metrics::gauge!(PRIMARY_KNOWN).increment(0.0);
+    for state in [
+        "temporary_tables",
+        "listen",
+        "advisory_locks",
+        "sql_prepare",
+        "hold_cursors",
+    ] {
+        metrics::counter!(PINNED_TOTAL, "state" => state).absolute(0);
+    }
+    for reason in ["drain", "role_change", "node_down", "failover", "removed"] {
         metrics::counter!(MIGRATIONS_TOTAL, "reason" => reason).absolute(0);
     }
     for code in ["40001", "40003"] {

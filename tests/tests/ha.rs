@@ -415,7 +415,7 @@ async fn split_brain_sends_writes_to_neither_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let (_, body) = proxy.admin_get("/v1/nodes").await;
         if body.contains("\"split_brain\":true") {
@@ -584,7 +584,7 @@ async fn with_the_timeline_policy_a_split_brain_writes_to_the_newest_primary() {
     let c = proxy.connect("app").await;
     c.batch_execute("CREATE TABLE tl (x int)").await.unwrap();
     cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let (_, body) = proxy.admin_get("/v1/nodes").await;
         if body.contains("\"split_brain\":true") && body.contains("\"primary\":\"pg1\"") {

@@ -1,0 +1,398 @@
+//! What operators watch must be right: the metric catalog (`docs/metrics.md`) against what a
+//! running graywire exports, the alert rules with promtool, and a real Prometheus scraping a
+//! real graywire in front of a real cluster evaluating every dashboard expression.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use graywire_tests::{cluster_op, config_for, start_cluster, ProxyOptions, RunningProxy, StopMode};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn with_probe() -> ProxyOptions {
+    ProxyOptions {
+        extra: "[shutdown]\ntimeout = \"3s\"\n\n[pool]\nhold_timeout = \"10s\"\n\n\
+                [probe]\nuser = \"app\"\npassword = \"app-pw\"\nverify_interval = \"300ms\"\n"
+            .into(),
+        ..ProxyOptions::default()
+    }
+}
+
+/// `name → type` of every graywire metric in `docs/metrics.md`'s tables.
+fn documented() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(repo().join("docs/metrics.md")).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cols.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let kind = cols.get(2)?;
+            name.starts_with("graywire_")
+                .then(|| (name.to_owned(), (*kind).to_owned()))
+        })
+        .collect()
+}
+
+/// `name → type` of every graywire metric in a /metrics page.
+fn exported(page: &str) -> BTreeMap<String, String> {
+    page.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("# TYPE ")?;
+            let (name, kind) = rest.split_once(' ')?;
+            name.starts_with("graywire_")
+                .then(|| (name.to_owned(), kind.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// Makes every metric appear: queries, a hold, a drain and undrain, probe writes and a gate.
+async fn exercise(proxy: &RunningProxy) {
+    let c = proxy.connect("app").await;
+    c.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("SELECT 1/0").await.unwrap_err();
+    proxy.admin_post("/v1/pause").await;
+    let held = {
+        let dsn = proxy.dsn("app");
+        tokio::spawn(async move {
+            let c = graywire_tests::connect(&dsn).await;
+            c.simple_query("SELECT 1").await.map(|_| ())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.admin_post("/v1/resume").await;
+    held.await.unwrap().unwrap();
+    let (status, body) = proxy.admin_post("/v1/nodes/pg1/drain?wait=10s").await;
+    assert_eq!(status, 200, "{body}");
+    proxy.admin_post("/v1/nodes/pg1/undrain").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = proxy.admin_get("/v1/probe").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["read_back"]["runs_ok"].as_u64() >= Some(2)
+            && v["window"]["acked"].as_u64() >= Some(10)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "probe not running: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.admin_get("/v1/gate?window=10s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metric_catalog_matches_what_graywire_exports_both_ways() {
+    let cluster = start_cluster(3).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &with_probe())).await;
+    exercise(&proxy).await;
+    let (_, page) = proxy.admin_get("/metrics").await;
+    let doc = documented();
+    let live = exported(&page);
+    assert!(doc.len() >= 35, "the catalog lists the metrics: {doc:?}");
+    for (name, kind) in &doc {
+        match live.get(name) {
+            None => panic!("{name} is in docs/metrics.md but graywire does not export it"),
+            Some(k) => assert_eq!(k, kind, "{name}: documented as {kind}, exported as {k}"),
+        }
+    }
+    for name in live.keys() {
+        assert!(
+            doc.contains_key(name),
+            "{name} is exported but missing from docs/metrics.md"
+        );
+    }
+    proxy.shutdown().await;
+}
+
+fn tool(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not installed: apt-get install -y prometheus (gives prometheus and promtool)"
+    );
+}
+
+#[test]
+fn promtool_checks_the_rules_and_config_and_every_alert_has_a_unit_test() {
+    let dir = repo().join("config/prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+        vec!["check", "config", "prometheus.yml"],
+    ] {
+        let out = std::process::Command::new(tool("promtool"))
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every alert has a test that expects it to fire.
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("alerts_test.yml")).unwrap();
+    for line in rules.lines() {
+        if let Some(name) = line.trim().strip_prefix("- alert: ") {
+            assert!(
+                tests.contains(&format!("alertname: {name}")),
+                "alert {name} has no unit test in alerts_test.yml"
+            );
+        }
+    }
+}
+
+/// Percent-encodes a PromQL expression for a query string.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every PromQL expression of the dashboard: panel targets and annotations, with its title.
+fn dashboard_expressions() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("dashboards/graywire.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(d["uid"], "graywire-main");
+    assert!(
+        d["schemaVersion"].as_u64().unwrap() >= 36,
+        "Grafana 10 schema"
+    );
+    assert_eq!(d["templating"]["list"][0]["type"], "datasource");
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            out.push((
+                p["title"].as_str().unwrap().to_owned(),
+                t["expr"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    for a in d["annotations"]["list"].as_array().unwrap() {
+        if let Some(e) = a["expr"].as_str() {
+            out.push((format!("annotation {}", a["name"]), e.to_owned()));
+        }
+    }
+    out
+}
+
+/// A Prometheus server run by this test, stopped by PID when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rules = repo().join("config/prometheus/alerts.yml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: graywire\n    static_configs:\n      - targets: [\"{target}\"]\n",
+        rules.canonicalize().unwrap().display()
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let child = std::process::Command::new(tool("prometheus"))
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let p = Prometheus {
+        child,
+        addr,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            && prom_get(addr, "/-/ready").await.0 == 200
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "prometheus did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GET with HTTP/1.0, so Prometheus answers without chunked encoding.
+async fn prom_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .expect("prometheus answers")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn query(prom: &Prometheus, expr: &str) -> (bool, usize, String) {
+    let (status, body) =
+        prom_get(prom.addr, &format!("/api/v1/query?query={}", encode(expr))).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let ok = status == 200 && v["status"] == "success";
+    let n = v["data"]["result"].as_array().map_or(0, Vec::len);
+    (ok, n, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_evaluates_every_dashboard_expression_and_the_rules() {
+    let cluster = Arc::new(Mutex::new(start_cluster(3).await));
+    let config = config_for(&cluster.lock().unwrap(), &with_probe());
+    let proxy = RunningProxy::start(&config).await;
+    let prom = start_prometheus(proxy.admin).await;
+    exercise(&proxy).await;
+    // A node stop: a standby goes down (the node panels and the NodeDown rule see it).
+    cluster_op(&cluster, |c| c.stop(2, StopMode::Fast))
+        .await
+        .unwrap();
+    proxy
+        .wait_node("pg2", "state", "down", Duration::from_secs(5))
+        .await;
+    // Enough scrapes for rate() over the window and for the stop to be seen.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.admin_get("/v1/gate?window=10s").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (ok, n, body) = query(&prom, "up{job=\"graywire\"}").await;
+    assert!(ok && n == 1, "graywire is scraped: {body}");
+    let core = [
+        "Gate verdict (last served)",
+        "Acknowledged writes per second",
+        "Stall (max per minute)",
+        "Node health (1 = up)",
+        "Lost writes",
+        "Time since last acknowledged write",
+    ];
+    let exprs = dashboard_expressions();
+    assert!(exprs.len() >= 30, "{}", exprs.len());
+    for (title, expr) in &exprs {
+        let (ok, n, body) = query(&prom, expr).await;
+        assert!(ok, "panel {title:?}: {expr} does not evaluate: {body}");
+        if core.contains(&title.as_str()) {
+            assert!(
+                n > 0,
+                "core panel {title:?} returns no data: {expr}\n{body}"
+            );
+        }
+    }
+    let (_, n, body) = query(&prom, "graywire_node_up{node=\"pg2\"} == 0").await;
+    assert_eq!(n, 1, "the stopped node shows down: {body}");
+
+    // The rules loaded, and the node stop made NodeDown pending or firing.
+    let (status, body) = prom_get(prom.addr, "/api/v1/rules").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rules = v["data"]["groups"][0]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 8, "{body}");
+    let (_, n, body) = query(
+        &prom,
+        "ALERTS{alertname=\"GraywireNodeDown\", node=\"pg2\"}",
+    )
+    .await;
+    assert_eq!(n, 1, "GraywireNodeDown is pending for pg2: {body}");
+    let (_, n, body) = query(&prom, "ALERTS{alertname=\"GraywireLostWrites\"}").await;
+    assert_eq!(n, 0, "no lost-writes alert: {body}");
+    proxy.shutdown().await;
+}
+
+/// Every `graywire_…` metric name in `text` (PromQL or YAML).
+fn metric_names(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("graywire_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// True when `name` is a documented metric or a series of a documented histogram.
+fn in_catalog(catalog: &BTreeMap<String, String>, name: &str) -> bool {
+    if catalog.contains_key(name) {
+        return true;
+    }
+    ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+        name.strip_suffix(suffix)
+            .is_some_and(|base| catalog.get(base).is_some_and(|k| k == "histogram"))
+    })
+}
+
+#[test]
+fn every_metric_the_dashboard_and_the_alerts_use_is_in_the_catalog() {
+    let catalog = documented();
+    let mut used = 0;
+    for (title, expr) in dashboard_expressions() {
+        for name in metric_names(&expr) {
+            used += 1;
+            assert!(
+                in_catalog(&catalog, &name),
+                "panel {title:?} uses {name}, which graywire does not export (docs/metrics.md)"
+            );
+        }
+    }
+    let rules = std::fs::read_to_string(repo().join("config/prometheus/alerts.yml")).unwrap();
+    for line in rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:") || l.starts_with("          "))
+    {
+        for name in metric_names(line) {
+            used += 1;
+            assert!(
+                in_catalog(&catalog, &name),
+                "alerts.yml uses {name}, which graywire does not export"
+            );
+        }
+    }
+    assert!(used > 40, "expressions were read: {used}");
+    // A typo is caught.
+    assert!(!in_catalog(&catalog, "graywire_probe_lost_write"));
+    assert!(!in_catalog(&catalog, "graywire_sessions_bucket"));
+}
