@@ -1,8 +1,11 @@
 //! Backend connection pools for transaction mode: per node, backend user and startup
 //! parameters, at most `pool.size` connections, handed to sessions one transaction at a time.
 //!
-//! A session takes a connection when its transaction starts and gives it back at the
-//! transaction boundary. It gets back the connection it used last whenever that one is idle,
+//! A session takes a connection when its transaction starts and keeps it across boundaries
+//! while nobody else needs one; as soon as a session waits for a connection of the pool, every
+//! holder gives its connection back at its next transaction boundary (so a full pool
+//! multiplexes sessions transaction by transaction, and an ample one costs nothing per
+//! transaction). A session gets back the connection it used last whenever that one is idle,
 //! which needs no reset; a connection last used by another session is reset (`DISCARD ALL`)
 //! and then gets the session's settings and prepared statements replayed before use (see
 //! `session`). A connection whose state is unknown (a session ended mid-transaction, an error)
@@ -13,7 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{self, BackendConn};
 use crate::load::ConnectionGuard;
@@ -49,6 +54,11 @@ pub struct Pool {
     /// One permit per connection a session may hold (or open) at a time.
     permits: Arc<Semaphore>,
     state: Mutex<State>,
+    /// Sessions waiting for a permit right now.
+    waiting: AtomicUsize,
+    /// Woken when a session starts waiting: holders give their connection back at their next
+    /// transaction boundary.
+    wanted: Notify,
 }
 
 impl Pool {
@@ -60,6 +70,17 @@ impl Pool {
         &self.key.node
     }
 
+    /// True while a session waits for a connection of this pool.
+    pub fn is_wanted(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// Completes when a session starts waiting for a connection (enable it before checking
+    /// [`Pool::is_wanted`], so no wake-up is lost).
+    pub fn wanted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wanted.notified()
+    }
+
     /// Waits (until `deadline`) for a connection: the one `owner` used last if idle, else a
     /// new one while the pool is below its size, else the longest-idle one. `None` at the
     /// deadline.
@@ -68,10 +89,18 @@ impl Pool {
         owner: u64,
         deadline: tokio::time::Instant,
     ) -> Option<Checkout> {
-        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
-            .await
-            .ok()?
-            .ok()?;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Every connection is held: ask the holders for one at their next boundary.
+                self.waiting.fetch_add(1, Ordering::AcqRel);
+                self.wanted.notify_waiters();
+                let got =
+                    tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                got.ok()?.ok()?
+            }
+        };
         let slot = PoolSlot {
             pool: self.clone(),
             permit: Some(permit),
@@ -179,6 +208,8 @@ impl Pools {
                         idle: Vec::new(),
                         open: 0,
                     }),
+                    waiting: AtomicUsize::new(0),
+                    wanted: Notify::new(),
                 })
             })
             .clone()

@@ -237,3 +237,43 @@ async fn pgbench_prepared_runs_through_a_switchover_without_failures() {
 async fn pgbench_reconnecting_runs_through_a_switchover_without_failures() {
     pgbench_through_a_switchover(&["-C", "-S"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_gives_its_connection_to_one_that_needs_it() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &transaction_mode(1))).await;
+    let a = proxy.connect("app").await;
+    let pid_a: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The only connection is held by idle session a; b's startup and queries get it at once.
+    let started = std::time::Instant::now();
+    let b = proxy.connect("app").await;
+    let pid_b: i32 = b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pid_a, pid_b, "one connection, handed over");
+    // And back.
+    let again: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(again, pid_a);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "handed over at the boundary, not after a timeout: {:?}",
+        started.elapsed()
+    );
+    // Many rounds of alternation stay quick and correct.
+    for i in 0..20 {
+        let c = if i % 2 == 0 { &a } else { &b };
+        let v: i32 = c.query_one("SELECT $1::int4", &[&i]).await.unwrap().get(0);
+        assert_eq!(v, i);
+    }
+    proxy.shutdown().await;
+}

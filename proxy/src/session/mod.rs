@@ -277,7 +277,10 @@ impl Session<'_> {
             return Ok(None);
         };
         let paused = self.ctx.topology.load().paused;
-        let release_at_boundary = a.slot.is_some() && !a.binding.is_pinned();
+        let pool = match &a.slot {
+            Some(slot) if !a.binding.is_pinned() => Some(slot.pool().as_ref()),
+            _ => None,
+        };
         let end = relay::run(
             self.client,
             &mut a.conn.stream,
@@ -288,14 +291,20 @@ impl Session<'_> {
                 changes: &mut self.changes,
                 hold_requests: paused,
                 recheck_at: self.recheck_at,
-                release_at_boundary,
+                pool,
                 evictions: &mut a.binding.evictions,
             },
         )
         .await;
         match end {
             Ok(RelayEnd::ClientClosed) | Ok(RelayEnd::ClientTerminated) => {
-                self.close_backend().await;
+                // A pooled connection left clean at a boundary goes back; otherwise it closes.
+                let pooled = self.attached.as_ref().is_some_and(|a| a.slot.is_some());
+                if pooled && self.tracker.at_boundary() {
+                    self.release().await;
+                } else {
+                    self.close_backend().await;
+                }
                 Ok(Some("session"))
             }
             Ok(RelayEnd::Shutdown) => {

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::error::SessionError;
 use crate::metrics as m;
+use crate::pool::Pool;
 use crate::protocol::frame::{
     check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned, HEADER_LEN,
 };
@@ -506,8 +507,9 @@ pub struct BoundaryWatch<'a> {
     pub hold_requests: bool,
     /// Stop at the first boundary after this instant (a pinned session's recheck).
     pub recheck_at: Option<tokio::time::Instant>,
-    /// Transaction mode: stop at every boundary (the connection goes back to its pool).
-    pub release_at_boundary: bool,
+    /// Transaction mode: the connection's pool; stop at a boundary once another session
+    /// wants a connection of it (the connection goes back).
+    pub pool: Option<&'a Pool>,
     /// Changes when the session must leave its node at once.
     pub evictions: &'a mut watch::Receiver<u64>,
 }
@@ -560,6 +562,20 @@ async fn pass_node_bytes(
     Ok(None)
 }
 
+/// Polls a future once: true if it completed (its registration, e.g. a `Notified`, is made
+/// either way).
+async fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+    let mut f = Some(f);
+    std::future::poll_fn(|cx| {
+        let done = f
+            .as_mut()
+            .map(|f| f.as_mut().poll(cx).is_ready())
+            .unwrap_or(true);
+        std::task::Poll::Ready(done)
+    })
+    .await
+}
+
 /// Relays until one side ends, the client breaks the protocol, shutdown asks the session to
 /// close at its boundary, or `watch` asks it to stop at a boundary.
 pub async fn run(
@@ -579,16 +595,21 @@ pub async fn run(
     let hard = shutdown.hard.cancelled();
     let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
     let changes = watch.changes;
-    let (hold_requests, recheck_at, release) = (
-        watch.hold_requests,
-        watch.recheck_at,
-        watch.release_at_boundary,
-    );
+    let (hold_requests, recheck_at, pool) = (watch.hold_requests, watch.recheck_at, watch.pool);
     let recheck = tokio::time::sleep_until(recheck_at.unwrap_or(far));
     let mut changed = changes.has_changed().unwrap_or(false);
     let change = changes.changed();
     let evicted = watch.evictions.changed();
-    tokio::pin!(soft, hard, recheck, change, evicted);
+    // Enabled before the first look at `is_wanted`, so a waiter's wake-up is never missed.
+    let wanted = async {
+        match pool {
+            Some(p) => p.wanted().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(soft, hard, recheck, change, evicted, wanted);
+    // Poll once so the notification is registered.
+    let mut release = futures_poll_once(wanted.as_mut()).await || pool.is_some_and(Pool::is_wanted);
     let mut recheck_due = false;
     // Asked once here; afterwards the pinned futures report it (is_cancelled takes a lock).
     let mut stopping = shutdown.soft.is_cancelled();
@@ -601,7 +622,12 @@ pub async fn run(
         }
     }
     let holding = |t: &Tracker, changed: bool, recheck_due: bool| {
-        t.at_boundary() && (hold_requests || changed || recheck_due || t.settings_dirty)
+        t.at_boundary()
+            && (hold_requests
+                || changed
+                || recheck_due
+                || t.settings_dirty
+                || (pool.is_some() && t.maybe_pinned))
     };
     if !up.buf.is_empty() && up.ready == 0 && !holding(t, changed, recheck_due) {
         if let Some(end) = pass_client_bytes(t, up, &backend_wr).await? {
@@ -618,8 +644,11 @@ pub async fn run(
             && (changed
                 || recheck_due
                 || t.settings_dirty
+                || (pool.is_some() && t.maybe_pinned)
                 || (hold_requests && !up.buf.is_empty())
-                || (release && up.buf.is_empty() && down.buf.is_empty()))
+                || ((release || pool.is_some_and(Pool::is_wanted))
+                    && up.buf.is_empty()
+                    && down.buf.is_empty()))
         {
             t.publish_bytes();
             return Ok(RelayEnd::Boundary);
@@ -631,6 +660,7 @@ pub async fn run(
             _ = &mut hard => stop_now = true,
             _ = &mut soft, if !stopping => stopping = true,
             _ = &mut change, if !changed => changed = true,
+            _ = &mut wanted, if !release && pool.is_some() => release = true,
             r = &mut evicted => {
                 if r.is_ok() {
                     t.publish_bytes();
