@@ -31,6 +31,9 @@ pub struct PoolKey {
     pub user: String,
     /// The startup parameters sent to the node, in order.
     pub params: Vec<(String, String)>,
+    /// Transaction-mode pools limit their connections; session-mode ones only keep idle
+    /// connections of ended sessions for the next one (up to `size`).
+    pub transaction_mode: bool,
 }
 
 /// An idle connection and who used it last.
@@ -81,6 +84,37 @@ impl Pool {
         self.wanted.notified()
     }
 
+    /// Session mode: an idle connection left by an ended session (reset before use), or room
+    /// to open a new one. Never waits: session mode has no connection limit besides
+    /// `listener.max_client_connections`.
+    pub fn reuse(self: &Arc<Self>) -> Checkout {
+        let slot = PoolSlot {
+            pool: self.clone(),
+            permit: None,
+            returned: false,
+            counted: false,
+        };
+        let newest = {
+            let mut s = self.state();
+            let i = s
+                .idle
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, c)| c.since)
+                .map(|(i, _)| i);
+            i.map(|i| s.idle.swap_remove(i))
+        };
+        match newest {
+            Some(Idle { conn, guard, .. }) => Checkout::Reused {
+                conn: Box::new(conn),
+                guard,
+                reset: true,
+                slot,
+            },
+            None => Checkout::Open(slot),
+        }
+    }
+
     /// Waits (until `deadline`) for a connection: the one `owner` used last if idle, else a
     /// new one while the pool is below its size, else the longest-idle one. `None` at the
     /// deadline.
@@ -105,6 +139,7 @@ impl Pool {
             pool: self.clone(),
             permit: Some(permit),
             returned: false,
+            counted: true,
         };
         let mut s = self.state();
         if let Some(i) = s.idle.iter().position(|c| c.owner == owner) {
@@ -158,6 +193,8 @@ pub struct PoolSlot {
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
     returned: bool,
+    /// Counted in the pool's open connections (transaction mode).
+    counted: bool,
 }
 
 impl PoolSlot {
@@ -168,19 +205,40 @@ impl PoolSlot {
     /// Puts a clean connection (at a transaction boundary) back as idle, remembering `owner`.
     pub fn give_back(mut self, conn: BackendConn, guard: ConnectionGuard, owner: u64) {
         self.returned = true;
-        self.pool.state().idle.push(Idle {
-            conn,
-            guard,
-            owner,
-            since: Instant::now(),
-        });
+        let extra = {
+            let mut s = self.pool.state();
+            s.idle.push(Idle {
+                conn,
+                guard,
+                owner,
+                since: Instant::now(),
+            });
+            // Session mode keeps at most `size` idle connections: the oldest goes.
+            if !self.counted && s.idle.len() > self.pool.size {
+                let oldest = s
+                    .idle
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, c)| c.since)
+                    .map(|(i, _)| i);
+                oldest.map(|i| s.idle.swap_remove(i))
+            } else {
+                None
+            }
+        };
+        if let Some(c) = extra {
+            tokio::spawn(async move {
+                backend::terminate(c.conn.stream).await;
+                drop(c.guard);
+            });
+        }
         self.permit.take();
     }
 }
 
 impl Drop for PoolSlot {
     fn drop(&mut self) {
-        if !self.returned {
+        if !self.returned && self.counted {
             let mut s = self.pool.state();
             s.open = s.open.saturating_sub(1);
         }
@@ -235,7 +293,9 @@ impl Pools {
             while i < s.idle.len() {
                 if !in_rotation || s.idle[i].since.elapsed() >= idle_timeout {
                     closed.push(s.idle.swap_remove(i));
-                    s.open = s.open.saturating_sub(1);
+                    if pool.key.transaction_mode {
+                        s.open = s.open.saturating_sub(1);
+                    }
                 } else {
                     i += 1;
                 }

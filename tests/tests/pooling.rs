@@ -277,3 +277,56 @@ async fn an_idle_session_gives_its_connection_to_one_that_needs_it() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_reuses_a_left_connection_with_nothing_of_its_last_session() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::start(&config_for(&cluster, &ProxyOptions::default())).await;
+    let first_pid: i32 = {
+        let a = proxy.connect("app").await;
+        a.batch_execute(
+            "SET work_mem = '9MB'; SET application_name = 'left'; \
+             CREATE TEMP TABLE gone (x int); PREPARE q AS SELECT 1; LISTEN ch",
+        )
+        .await
+        .unwrap();
+        a.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    // The client left cleanly at a boundary: its backend connection waits for the next session.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let b = loop {
+        let b = proxy.connect("app").await;
+        let pid: i32 = b
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if pid == first_pid {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection was not reused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let row = b
+        .query_one(
+            "SELECT current_setting('work_mem'), current_setting('application_name'), \
+             (SELECT count(*) FROM pg_prepared_statements WHERE from_sql), \
+             (SELECT count(*) FROM pg_listening_channels()), \
+             to_regclass('pg_temp.gone') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "4MB");
+    assert_eq!(row.get::<_, String>(1), "");
+    assert_eq!(row.get::<_, i64>(2), 0);
+    assert_eq!(row.get::<_, i64>(3), 0);
+    assert!(row.get::<_, bool>(4), "the temporary table is gone");
+    proxy.shutdown().await;
+}

@@ -278,7 +278,9 @@ impl Session<'_> {
         };
         let paused = self.ctx.topology.load().paused;
         let pool = match &a.slot {
-            Some(slot) if !a.binding.is_pinned() => Some(slot.pool().as_ref()),
+            Some(slot) if self.mode == PoolMode::Transaction && !a.binding.is_pinned() => {
+                Some(slot.pool().as_ref())
+            }
             _ => None,
         };
         let end = relay::run(
@@ -334,7 +336,8 @@ impl Session<'_> {
         let recheck_due = self
             .recheck_at
             .is_some_and(|t| t <= tokio::time::Instant::now());
-        let pooled = self.attached.as_ref().is_some_and(|a| a.slot.is_some());
+        let pooled = self.mode == PoolMode::Transaction
+            && self.attached.as_ref().is_some_and(|a| a.slot.is_some());
         // In transaction mode the connection goes back at this boundary unless the session
         // may hold state that cannot move: then look first.
         let look = self.tracker.maybe_pinned && pooled;
@@ -725,46 +728,48 @@ impl Session<'_> {
     async fn lease(&mut self, node: &NodeConfig) -> Result<Leased, BackendError> {
         let creds = self.config.backend_credentials(&self.user);
         let timeout = self.config.backend_connect_timeout;
-        let slot = if self.mode == PoolMode::Transaction {
-            let pool = match self.pools.iter().find(|p| p.node() == &node.name) {
-                Some(p) => p.clone(),
-                None => {
-                    let key = PoolKey {
-                        node: node.name.clone(),
-                        user: creds.user.clone(),
-                        params: self.backend_params.clone(),
-                    };
-                    let p = self.ctx.pools.pool(&key, self.config.pool_size);
-                    self.pools.push(p.clone());
-                    p
-                }
-            };
-            let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
-            match pool.checkout(self.id, deadline).await {
-                None => {
-                    return Err(BackendError::PoolExhausted {
-                        node: node.name.clone(),
-                        size: self.config.pool_size,
-                    })
-                }
-                Some(Checkout::Reused {
-                    conn,
-                    guard,
-                    reset,
-                    slot,
-                }) => {
-                    return Ok(Leased {
-                        conn: *conn,
-                        guard,
-                        slot: Some(slot),
-                        reset,
-                        reused: true,
-                    })
-                }
-                Some(Checkout::Open(slot)) => Some(slot),
+        let transaction_mode = self.mode == PoolMode::Transaction;
+        let pool = match self.pools.iter().find(|p| p.node() == &node.name) {
+            Some(p) => p.clone(),
+            None => {
+                let key = PoolKey {
+                    node: node.name.clone(),
+                    user: creds.user.clone(),
+                    params: self.backend_params.clone(),
+                    transaction_mode,
+                };
+                let p = self.ctx.pools.pool(&key, self.config.pool_size);
+                self.pools.push(p.clone());
+                p
             }
+        };
+        let checkout = if transaction_mode {
+            let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
+            pool.checkout(self.id, deadline)
+                .await
+                .ok_or_else(|| BackendError::PoolExhausted {
+                    node: node.name.clone(),
+                    size: self.config.pool_size,
+                })?
         } else {
-            None
+            pool.reuse()
+        };
+        let slot = match checkout {
+            Checkout::Reused {
+                conn,
+                guard,
+                reset,
+                slot,
+            } => {
+                return Ok(Leased {
+                    conn: *conn,
+                    guard,
+                    slot: Some(slot),
+                    reset,
+                    reused: true,
+                })
+            }
+            Checkout::Open(slot) => Some(slot),
         };
         let conn = backend::connect(
             node,
