@@ -27,7 +27,8 @@ pub const DISRUPTION_SECONDS: &str = "graywire_probe_disruption_seconds";
 pub const MISSED_TICKS_TOTAL: &str = "graywire_probe_missed_ticks_total";
 /// Read-backs by result (`result`: ok, error).
 pub const VERIFY_RUNS_TOTAL: &str = "graywire_probe_verify_runs_total";
-/// The last gate verdict served: 1 pass, 0 fail.
+/// The last gate verdict served: 1 pass, 0 fail. Absent until a verdict is served, so an
+/// alert on it stays quiet where nothing polls the gate.
 pub const GATE_PASS: &str = "graywire_probe_gate_pass";
 
 /// Every probe metric with its Prometheus type, for tests and docs.
@@ -99,7 +100,6 @@ pub fn describe() {
         LOST_WRITES,
         DUPLICATES,
         DISRUPTION_SECONDS,
-        GATE_PASS,
     ] {
         metrics::gauge!(g).increment(0.0);
     }

@@ -321,7 +321,12 @@ async fn the_integrated_probe_sees_no_loss_and_no_gap_through_a_planned_switchov
         "clients (the probe among them) saw no error: {s}"
     );
 
-    // Every probe metric of the catalog is exported with its documented type.
+    // pg0 is stopped, so the gate fails on it until it is back; the verdict says so.
+    let (status, body) = proxy.admin_get("/v1/gate?window=5s&max_stall=1s").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not up: pg0"), "{body}");
+    // Every probe metric of the catalog is exported with its documented type (the gate's
+    // once a verdict was served).
     let (_, metrics) = proxy.admin_get("/metrics").await;
     for (name, kind) in graywire_probe::metrics::CATALOG {
         assert!(
@@ -329,10 +334,6 @@ async fn the_integrated_probe_sees_no_loss_and_no_gap_through_a_planned_switchov
             "{name} ({kind}) missing from /metrics"
         );
     }
-    // pg0 is stopped, so the gate fails on it until it is back; the verdict says so.
-    let (status, body) = proxy.admin_get("/v1/gate?window=5s&max_stall=1s").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("not up: pg0"), "{body}");
     proxy.shutdown().await;
 }
 
