@@ -131,6 +131,69 @@ fn parse_version(text: &str) -> Option<String> {
         .then(|| version.to_owned())
 }
 
+/// Fetches the Debian package `postgresql-<major>=<version>` (e.g. `"15.20-0+deb12u1"`) from
+/// the configured apt sources into `cache` and unpacks it there, without installing it;
+/// returns its server `bin` directory. A version already unpacked is reused. Needs `apt-get`
+/// and `dpkg`; fails with their output, never silently.
+pub fn fetch_debian_server(version: &str, cache: &Path) -> Result<PathBuf, LocalClusterError> {
+    let major = version.split('.').next().unwrap_or_default();
+    if major.is_empty() || !major.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(LocalClusterError::InvalidSpec(format!(
+            "{version:?} is not a Debian PostgreSQL version like 15.20-0+deb12u1"
+        )));
+    }
+    let root = cache.join(format!("postgresql-{version}"));
+    let bindir = root.join(format!("usr/lib/postgresql/{major}/bin"));
+    if bindir.join("postgres").is_file() {
+        return Ok(bindir);
+    }
+    std::fs::create_dir_all(cache)
+        .map_err(|e| LocalClusterError::io(format!("creating {}", cache.display()), e))?;
+    // The server runs as an unprivileged user: it must be able to reach the programs.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(cache, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| LocalClusterError::io(format!("chmod {}", cache.display()), e))?;
+    }
+    let package = format!("postgresql-{major}={version}");
+    let mut download = Command::new("apt-get");
+    download
+        .args(["download", "-q", &package])
+        .current_dir(cache);
+    let out = run_bounded(
+        download,
+        &format!("apt-get download {package}"),
+        Duration::from_secs(300),
+    )?;
+    let deb = std::fs::read_dir(cache)
+        .map_err(|e| LocalClusterError::io(format!("reading {}", cache.display()), e))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("postgresql-{major}_"))
+                    && n.contains(&version.replace(':', "%3a"))
+                    && n.ends_with(".deb")
+            })
+        })
+        .ok_or_else(|| LocalClusterError::UnexpectedOutput {
+            what: format!(
+                "apt-get download {package} (no .deb in {})",
+                cache.display()
+            ),
+            output: out.stdout,
+        })?;
+    let mut unpack = Command::new("dpkg");
+    unpack.arg("-x").arg(&deb).arg(&root);
+    run_bounded(unpack, "dpkg -x", Duration::from_secs(120))?;
+    if !bindir.join("postgres").is_file() {
+        return Err(LocalClusterError::BinariesNotFound {
+            looked_in: format!("{} after unpacking {}", bindir.display(), deb.display()),
+        });
+    }
+    Ok(bindir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

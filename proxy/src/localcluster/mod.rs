@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-pub use binaries::{PgBinaries, BINDIR_ENV};
+pub use binaries::{fetch_debian_server, PgBinaries, BINDIR_ENV};
 pub use error::LocalClusterError;
 pub use process::process_alive;
 
@@ -246,6 +246,26 @@ impl LocalCluster {
             .get_mut(i)
             .ok_or(LocalClusterError::NoSuchNode { node: i, len })?;
         node.start(&self.host, false)
+    }
+
+    /// Stops node `i` with `mode` and starts it again with the `postgres` program in `bindir`
+    /// (another minor version of the same major: a minor upgrade or downgrade of that node);
+    /// returns once it accepts connections. The node keeps that program for later restarts.
+    pub fn restart_on(
+        &mut self,
+        i: usize,
+        bindir: &Path,
+        mode: StopMode,
+    ) -> Result<(), LocalClusterError> {
+        let postgres = bindir.join("postgres");
+        if !postgres.is_file() {
+            return Err(LocalClusterError::BinariesNotFound {
+                looked_in: format!("{}: no postgres program", bindir.display()),
+            });
+        }
+        self.stop(i, mode)?;
+        self.node_mut(i)?.postgres = Some(postgres);
+        self.start_node(i)
     }
 
     /// [`Self::stop`] with `mode`, then [`Self::start_node`].

@@ -43,6 +43,8 @@ pub(crate) struct Node {
     pub(crate) data_dir: PathBuf,
     pub(crate) log_file: PathBuf,
     pub(crate) port: u16,
+    /// A `postgres` program other than the cluster's (a node moved to another minor version).
+    pub(crate) postgres: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -56,6 +58,7 @@ impl Node {
             log_file: dir.join(format!("{name}.log")),
             name,
             port,
+            postgres: None,
             child: None,
         }
     }
@@ -127,9 +130,11 @@ impl Node {
         let log_err = log
             .try_clone()
             .map_err(|e| LocalClusterError::io("duplicating the log file handle", e))?;
-        let mut cmd = host
-            .identity
-            .command(&host.binaries.program("postgres"), &host.dir);
+        let program = self
+            .postgres
+            .clone()
+            .unwrap_or_else(|| host.binaries.program("postgres"));
+        let mut cmd = host.identity.command(&program, &host.dir);
         cmd.arg("-D")
             .arg(&self.data_dir)
             .arg("-p")

@@ -1,0 +1,103 @@
+//! A real minor-version change of one node under graywire: the other PostgreSQL 15 build is
+//! fetched from Debian's archive (15.20 when 15.18 is installed, and the other way round), a
+//! drained standby is restarted on it, and graywire reports and routes to it. The foundation
+//! of the rolling upgrade (issue 6).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use graywire::localcluster::{fetch_debian_server, StopMode};
+use graywire_tests::{cluster_op, config_for, connect, start_cluster, ProxyOptions, RunningProxy};
+
+/// The Debian package version of the other build, from the installed server's version.
+fn other_build(installed: &str) -> (&'static str, &'static str) {
+    if installed.starts_with("15.20") {
+        ("15.18-0+deb12u1", "15.18")
+    } else {
+        ("15.20-0+deb12u1", "15.20")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads() {
+    let installed = graywire::localcluster::PgBinaries::locate()
+        .unwrap()
+        .version()
+        .unwrap();
+    let (package, want) = other_build(&installed);
+    let cache = std::env::temp_dir().join("graywire-pg-cache");
+    let bindir = tokio::task::spawn_blocking(move || fetch_debian_server(package, &cache))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!("fetching postgresql-15={package} from Debian's archive failed: {e}")
+        });
+
+    let cluster = std::sync::Arc::new(std::sync::Mutex::new(start_cluster(2).await));
+    let config = config_for(&cluster.lock().unwrap(), &ProxyOptions::default());
+    let proxy = RunningProxy::start(&config).await;
+    assert!(proxy.node_info("pg1").await["version"]
+        .as_str()
+        .unwrap()
+        .starts_with(&installed));
+
+    let (status, body) = proxy.admin_post("/v1/nodes/pg1/drain?wait=10s").await;
+    assert_eq!(status, 200, "{body}");
+    cluster_op(&cluster, move |c| c.restart_on(1, &bindir, StopMode::Fast))
+        .await
+        .unwrap();
+    // graywire sees the node come back, as a standby, on the new version.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = proxy.node_info("pg1").await;
+        if n["state"] == "drained" && n["version"].as_str().is_some_and(|v| v.starts_with(want)) {
+            assert_eq!(n["role"], "standby", "{n}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg1 not back on {want}: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = proxy.admin_post("/v1/nodes/pg1/undrain").await;
+    assert_eq!(status, 200);
+
+    // It replicates: a write through graywire reaches it, and a read-only session reads it there.
+    let writer = proxy.connect("app").await;
+    writer
+        .batch_execute("CREATE TABLE upgraded (x int); INSERT INTO upgraded VALUES (42)")
+        .await
+        .unwrap();
+    let reader = connect(&format!(
+        "{} options='-c default_transaction_read_only=on'",
+        proxy.dsn("app")
+    ))
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = reader
+            .query_one(
+                "SELECT current_setting('server_version'), \
+                 (SELECT count(*) FROM pg_class WHERE relname = 'upgraded')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let version: String = row.get(0);
+        assert!(
+            version.starts_with(want),
+            "the read-only session runs on pg1: {version}"
+        );
+        if row.get::<_, i64>(1) == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write did not replicate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("pg1 moved from {installed} to {want} and serves reads through graywire");
+    proxy.shutdown().await;
+}
