@@ -154,17 +154,28 @@ async fn proxy_route(
     }
 }
 
-/// `GET /v1/gate?window=30s&max_stall=1s&…`: 200 on pass, 503 on fail, 400 on a bad query.
-fn gate(admin: &Admin, query: &str) -> Reply {
+/// The probe and the parsed query, or the error reply (404 without a probe, 400 on a bad
+/// query).
+fn probe_and_query<'a>(
+    admin: &'a Admin,
+    query: &str,
+) -> Result<(&'a Probe, GateQuery), Box<Reply>> {
     let Some(probe) = &admin.probe else {
-        return error(
+        return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             "no probe is running: add a [probe] section to the config",
-        );
+        )));
     };
-    let q = match GateQuery::parse(query) {
-        Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    GateQuery::parse(query)
+        .map(|q| (probe, q))
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e)))
+}
+
+/// `GET /v1/gate?window=30s&max_stall=1s&…`: 200 on pass, 503 on fail, 400 on a bad query.
+fn gate(admin: &Admin, query: &str) -> Reply {
+    let (probe, q) = match probe_and_query(admin, query) {
+        Ok(x) => x,
+        Err(reply) => return *reply,
     };
     let nodes = admin
         .ctx
@@ -183,17 +194,10 @@ fn gate(admin: &Admin, query: &str) -> Reply {
 
 /// `GET /v1/probe?window=60s`: the probe's figures.
 fn probe_status(admin: &Admin, query: &str) -> Reply {
-    let Some(probe) = &admin.probe else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "no probe is running: add a [probe] section to the config",
-        );
-    };
-    let q = match GateQuery::parse(query) {
-        Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-    };
-    json_reply(StatusCode::OK, probe.status(q.window))
+    match probe_and_query(admin, query) {
+        Ok((probe, q)) => json_reply(StatusCode::OK, probe.status(q.window)),
+        Err(reply) => *reply,
+    }
 }
 
 /// True when no token is configured, or the request carries it.
@@ -347,30 +351,35 @@ fn nodes(ctx: &Context) -> Reply {
     )
 }
 
-/// A minimal HTTP/1.1 GET (for `graywire gate`): returns (status, body).
+/// A minimal HTTP/1.0 GET (for `graywire gate`, and the tests' Prometheus client): 1.0, so
+/// no server answers with chunked encoding. Returns (status, body).
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        Ok(split_http_response(&String::from_utf8_lossy(&buf)))
     };
     tokio::time::timeout(Duration::from_secs(10), work)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10s"))?
+}
+
+/// (status, body) of a whole HTTP response (status 0 if it has no status line).
+pub fn split_http_response(text: &str) -> (u16, String) {
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {

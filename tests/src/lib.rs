@@ -287,17 +287,7 @@ pub async fn http_request_with(
         .await
         .expect("admin answers")
         .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    graywire::admin::split_http_response(&String::from_utf8_lossy(&buf))
 }
 
 /// Runs psql with `args` against `url`; returns (success, stdout, stderr).

@@ -251,29 +251,11 @@ async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
     }
 }
 
-/// GET with HTTP/1.0, so Prometheus answers without chunked encoding.
+/// GET on Prometheus (HTTP/1.0, so it answers without chunked encoding).
 async fn prom_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+    graywire::admin::http_get(&addr.to_string(), path)
         .await
         .expect("prometheus answers")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 async fn query(prom: &Prometheus, expr: &str) -> (bool, usize, String) {
