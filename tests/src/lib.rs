@@ -51,6 +51,41 @@ pub async fn cluster_op<T: Send + 'static>(
         .unwrap()
 }
 
+/// When each step of [`planned_switchover`] began or ended.
+#[derive(Debug, Clone, Copy)]
+pub struct SwitchoverTimes {
+    pub drain_started: std::time::Instant,
+    pub promote_started: std::time::Instant,
+    pub promoted: std::time::Instant,
+}
+
+/// The operator's planned switchover of a 3-node cluster through graywire's admin API: drain
+/// the primary pg0 (asserting it drained), stop it, promote pg1, re-point pg2 at it, undrain
+/// pg0 (now stopped, so it takes nothing).
+pub async fn planned_switchover(
+    cluster: &Arc<std::sync::Mutex<LocalCluster>>,
+    proxy: &RunningProxy,
+) -> SwitchoverTimes {
+    let drain_started = std::time::Instant::now();
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"drained\":true"), "{body}");
+    cluster_op(cluster, |c| c.stop(0, StopMode::Fast))
+        .await
+        .unwrap();
+    let promote_started = std::time::Instant::now();
+    cluster_op(cluster, |c| c.promote(1)).await.unwrap();
+    let promoted = std::time::Instant::now();
+    cluster_op(cluster, |c| c.repoint(2, 1)).await.unwrap();
+    let (status, body) = proxy.admin_post("/v1/nodes/pg0/undrain").await;
+    assert_eq!(status, 200, "{body}");
+    SwitchoverTimes {
+        drain_started,
+        promote_started,
+        promoted,
+    }
+}
+
 /// Options for the generated graywire config.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {

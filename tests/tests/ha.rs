@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use graywire_tests::load::{error_counts, Load};
 use graywire_tests::{
-    cluster_op, config_for, connect, http_request_with, sqlstate, start_cluster, ProxyOptions,
-    RunningProxy, StopMode,
+    cluster_op, config_for, connect, http_request_with, planned_switchover, sqlstate,
+    start_cluster, ProxyOptions, RunningProxy, StopMode, SwitchoverTimes,
 };
 
 /// Harness options with a hold long enough to cover a promotion.
@@ -123,19 +123,11 @@ async fn writing_cluster(table: &str) -> (SharedCluster, RunningProxy, Load) {
 async fn planned_switchover_under_write_load_loses_nothing_and_closes_nothing() {
     let (cluster, proxy, load) = writing_cluster("sw").await;
 
-    let drain_started = Instant::now();
-    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"drained\":true"), "{body}");
-    cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
-        .await
-        .unwrap();
-    let promote_started = Instant::now();
-    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    let promoted = Instant::now();
-    cluster_op(&cluster, |c| c.repoint(2, 1)).await.unwrap();
-    let (status, body) = proxy.admin_post("/v1/nodes/pg0/undrain").await;
-    assert_eq!(status, 200, "{body}");
+    let SwitchoverTimes {
+        drain_started,
+        promote_started,
+        promoted,
+    } = planned_switchover(&cluster, &proxy).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let reports = load.finish().await;
 

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use graywire_tests::{cluster_op, config_for, start_cluster, ProxyOptions, RunningProxy, StopMode};
+use graywire_tests::{config_for, planned_switchover, start_cluster, ProxyOptions, RunningProxy};
 
 fn transaction_mode(size: usize) -> ProxyOptions {
     ProxyOptions {
@@ -196,15 +196,7 @@ async fn pgbench_through_a_switchover(extra_args: &[&str]) {
         .output();
     let bench = tokio::spawn(run);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
-    assert_eq!(status, 200, "{body}");
-    cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
-        .await
-        .unwrap();
-    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    cluster_op(&cluster, |c| c.repoint(2, 1)).await.unwrap();
-    let (status, _) = proxy.admin_post("/v1/nodes/pg0/undrain").await;
-    assert_eq!(status, 200);
+    planned_switchover(&cluster, &proxy).await;
     let out = tokio::time::timeout(Duration::from_secs(60), bench)
         .await
         .unwrap()

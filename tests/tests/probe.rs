@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use graywire_probe::gate::GateQuery;
 use graywire_probe::{Mode, Probe, ProbeConfig};
 use graywire_tests::{
-    cluster_op, config_for, connect, start_cluster, ProxyOptions, RunningProxy, StopMode,
+    cluster_op, config_for, connect, planned_switchover, start_cluster, ProxyOptions, RunningProxy,
+    StopMode,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -286,14 +287,7 @@ async fn the_integrated_probe_sees_no_loss_and_no_gap_through_a_planned_switchov
     })
     .await;
 
-    let (status, body) = proxy.admin_post("/v1/nodes/pg0/drain?wait=20s").await;
-    assert_eq!(status, 200, "{body}");
-    cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
-        .await
-        .unwrap();
-    cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    cluster_op(&cluster, |c| c.repoint(2, 1)).await.unwrap();
-    proxy.admin_post("/v1/nodes/pg0/undrain").await;
+    planned_switchover(&cluster, &proxy).await;
     let runs = probe_status(&proxy).await["read_back"]["runs_ok"]
         .as_u64()
         .unwrap();
