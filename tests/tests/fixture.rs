@@ -1,8 +1,13 @@
-//! Tests of the local-cluster fixture itself: replication, failover, restarts, and that nothing
-//! — no process, no directory — outlives a cluster, even one dropped by a panic.
+//! Tests of the local-cluster fixture itself: replication, failover, restarts (also ones done
+//! outside the fixture with `pg_ctl`), and that nothing — no process, no directory — outlives a
+//! cluster, even one dropped by a panic.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::io::{Read, Seek};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -312,4 +317,195 @@ fn a_base_dir_postgres_cannot_enter_is_refused_when_root() {
         assert!(cluster.dir().starts_with(&private));
     }
     std::fs::remove_dir_all(&private).unwrap();
+}
+
+/// Bound on each `pg_ctl` run of [`restart_outside`] (pg_ctl itself waits at most 60 s).
+const PG_CTL_LIMIT: Duration = Duration::from_secs(90);
+
+/// Runs `pg_ctl args` the way a rolling-upgrade script would: as the OS user PostgreSQL runs as
+/// (`postgres` through `runuser` when we are root, as the fixture does), in the cluster
+/// directory, for at most [`PG_CTL_LIMIT`].
+fn pg_ctl<I, A>(cluster: &LocalCluster, args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<OsStr>,
+{
+    let program = PgBinaries::locate()?.program("pg_ctl");
+    let root = std::fs::metadata("/proc/self")?.uid() == 0;
+    let mut cmd = if root {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(&program);
+        cmd
+    } else {
+        Command::new(&program)
+    };
+    cmd.args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.as_encoded_bytes().starts_with(b"PG") {
+            cmd.env_remove(&key);
+        }
+    }
+    // Output goes to a file: the postmaster pg_ctl forks must not keep a pipe of ours open.
+    let mut output = tempfile::tempfile()?;
+    cmd.env("LC_ALL", "C")
+        .current_dir(cluster.dir())
+        .stdin(Stdio::null())
+        .stdout(output.try_clone()?)
+        .stderr(output.try_clone()?);
+    let what = format!("{cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let deadline = Instant::now() + PG_CTL_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            child.kill()?;
+            child.wait()?;
+            bail!("{what} did not finish within {PG_CTL_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut text = String::new();
+    output.rewind()?;
+    output.read_to_string(&mut text)?;
+    if !status.success() {
+        bail!("{what} failed ({status}):\n{text}");
+    }
+    Ok(())
+}
+
+/// Restarts node `i` behind the fixture's back, as a rolling-upgrade script does: `pg_ctl stop
+/// -m fast`, then `pg_ctl start` with the options the postmaster was started with. Like
+/// `pg_ctl restart`, it takes them from `postmaster.opts` (`<program> "-D" "…" "-p" "…" …`):
+/// everything from the first double quote. Returns once the new postmaster accepts connections.
+fn restart_outside(cluster: &LocalCluster, i: usize) -> anyhow::Result<()> {
+    let data_dir = cluster.data_dir(i);
+    let opts = std::fs::read_to_string(data_dir.join("postmaster.opts"))?;
+    let options = opts
+        .find('"')
+        .map(|at| opts[at..].trim_end().to_owned())
+        .with_context(|| format!("no options in postmaster.opts: {opts:?}"))?;
+    let (log, dir, os) = (cluster.log_file(i), data_dir.as_os_str(), OsStr::new);
+    let stop_args = [
+        os("stop"),
+        os("-m"),
+        os("fast"),
+        os("-w"),
+        os("-t"),
+        os("60"),
+        os("-D"),
+        dir,
+    ];
+    let start_args = [
+        os("start"),
+        os("-w"),
+        os("-t"),
+        os("60"),
+        os("-D"),
+        dir,
+        os("-l"),
+        log.as_os_str(),
+        os("-o"),
+        os(&options),
+    ];
+    pg_ctl(cluster, stop_args)
+        .and_then(|()| pg_ctl(cluster, start_args))
+        .with_context(|| {
+            format!(
+                "restarting node {i} outside the fixture; its log:\n{}",
+                cluster.log_tail(i)
+            )
+        })
+}
+
+/// The PID `postmaster.pid` of node `i` names, read directly (not through the fixture).
+fn lock_file_pid(cluster: &LocalCluster, i: usize) -> anyhow::Result<u32> {
+    let text = std::fs::read_to_string(cluster.data_dir(i).join("postmaster.pid"))?;
+    let first = text.lines().next().context("empty postmaster.pid")?;
+    Ok(first.trim().parse()?)
+}
+
+/// Every live process whose working directory is inside `dir` (every PostgreSQL server process
+/// works in its data directory), whoever its parent is.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+                && process_alive(*pid)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_restarted_outside_the_fixture_is_adopted() -> anyhow::Result<()> {
+    let mut cluster = start(2).await?;
+    let old = cluster.pid(1).context("node 1 runs")?;
+
+    block_in_place(|| restart_outside(&cluster, 1))?;
+    let adopted = cluster.pid(1).context("node 1 runs again")?;
+    assert_ne!(adopted, old, "a new postmaster");
+    assert!(!process_alive(old));
+    assert!(cluster.is_running(1));
+    assert!(in_recovery(&cluster, 1).await?, "node 1 is still a standby");
+    connect(&cluster.dsn(0))
+        .await?
+        .batch_execute("CREATE TABLE adopted (v text); INSERT INTO adopted VALUES ('streams')")
+        .await?;
+    wait_for(&cluster.dsn(1), "SELECT v FROM adopted", "streams")
+        .await
+        .with_context(|| cluster.log_tail(1))?;
+    assert!(matches!(
+        block_in_place(|| cluster.start_node(1)),
+        Err(LocalClusterError::AlreadyRunning(1))
+    ));
+    assert_eq!(cluster.pid(1), Some(adopted));
+
+    // Stopped by the fixture, by PID, although it is not our child.
+    block_in_place(|| cluster.stop(1, StopMode::Fast))?;
+    assert!(!process_alive(adopted));
+    assert_eq!(cluster.pid(1), None);
+    assert!(!cluster.is_running(1));
+    block_in_place(|| cluster.start_node(1))?;
+    assert!(in_recovery(&cluster, 1).await?);
+
+    // And a crash of an adopted postmaster, then a start by the fixture.
+    block_in_place(|| restart_outside(&cluster, 1))?;
+    let adopted = cluster.pid(1).context("node 1 runs again")?;
+    block_in_place(|| cluster.kill9(1))?;
+    assert!(!process_alive(adopted));
+    assert_eq!(cluster.pid(1), None);
+    block_in_place(|| cluster.start_node(1))?;
+    wait_for(&cluster.dsn(1), "SELECT v FROM adopted", "streams").await?;
+
+    let (dir, pids) = block_in_place(|| teardown(cluster));
+    assert_nothing_left(&dir, &pids);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_stops_a_postmaster_restarted_outside_the_fixture() -> anyhow::Result<()> {
+    let cluster = start(1).await?;
+    let old = cluster.pid(0).context("node 0 runs")?;
+    block_in_place(|| restart_outside(&cluster, 0))?;
+    // Read behind the fixture's back, so that only Drop itself can adopt it.
+    let adopted = lock_file_pid(&cluster, 0)?;
+    assert_ne!(adopted, old);
+    assert!(process_alive(adopted));
+    let dir = cluster.dir().to_path_buf();
+    let servers = processes_in(&dir);
+    assert!(servers.contains(&adopted), "{servers:?} lacks {adopted}");
+
+    drop(cluster);
+    assert_nothing_left(&dir, &[old, adopted]);
+    let left: Vec<u32> = servers.into_iter().filter(|p| process_alive(*p)).collect();
+    assert!(
+        left.is_empty(),
+        "server processes outlived the cluster: {left:?}"
+    );
+    Ok(())
 }

@@ -10,9 +10,14 @@
 //! ```
 //!
 //! Invariants:
-//! - Every postmaster is our direct child; we signal it by PID, never by name or group, and
-//!   reap it. Nothing is daemonised, so nothing outlives [`LocalCluster`]'s `Drop` unless the
-//!   owning process itself is SIGKILLed.
+//! - Every postmaster we start is our direct child; we signal it by PID, never by name or
+//!   group, and reap it. We daemonise nothing, so nothing outlives [`LocalCluster`]'s `Drop`
+//!   unless the owning process itself is SIGKILLed.
+//! - Nodes restarted outside the fixture (`pg_ctl stop` then `pg_ctl start`, as a rolling
+//!   upgrade does) are adopted: whenever the fixture looks at a node it reaps a child that has
+//!   exited and takes the live postmaster that `postmaster.pid` names on the node's data
+//!   directory. An adopted postmaster is signalled by PID and watched until it is gone (it is
+//!   not our child, so it cannot be reaped), and `Drop` stops it like any other.
 //! - Every wait is bounded; every error names what failed and carries the relevant log tail.
 //! - The API is blocking and needs no async runtime: call it from `spawn_blocking` or
 //!   `block_in_place` inside tokio.
@@ -211,12 +216,13 @@ impl LocalCluster {
         self.nodes[i].tail()
     }
 
-    /// Node `i`'s postmaster PID while it runs (or has exited unnoticed); `None` once stopped.
+    /// Node `i`'s postmaster PID while it runs: our child, or a postmaster restarted outside
+    /// the fixture (`pg_ctl`), which is adopted from `postmaster.pid`; `None` when none runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.nodes.get(i).and_then(Node::pid)
     }
 
-    /// Whether node `i`'s postmaster is alive.
+    /// Whether node `i`'s postmaster is alive (ours or adopted, as for [`Self::pid`]).
     pub fn is_running(&self, i: usize) -> bool {
         self.nodes.get(i).is_some_and(Node::is_running)
     }
@@ -227,18 +233,21 @@ impl LocalCluster {
     }
 
     /// Stops node `i` with `mode`; returns once the postmaster has exited (at most 60 s) and
-    /// been reaped.
+    /// been reaped — or, for a postmaster adopted after a restart outside the fixture, once
+    /// its PID is gone — and the children it had are gone too.
     pub fn stop(&mut self, i: usize, mode: StopMode) -> Result<(), LocalClusterError> {
         self.node_mut(i)?.stop(mode.signal(), STOP_LIMIT)
     }
 
-    /// SIGKILLs node `i`'s postmaster — a crash — and returns once it is reaped and the
-    /// children it had are gone, so its port is free for [`Self::start_node`].
+    /// SIGKILLs node `i`'s postmaster (ours or adopted) — a crash — and returns once it is
+    /// gone and the children it had are gone, so its port is free for [`Self::start_node`].
     pub fn kill9(&mut self, i: usize) -> Result<(), LocalClusterError> {
         self.node_mut(i)?.kill9()
     }
 
-    /// Starts stopped node `i` again on its port; returns once it accepts connections.
+    /// Starts stopped node `i` again on its port; returns once it accepts connections. A node
+    /// whose postmaster runs — ours, or one adopted after a restart outside the fixture — is
+    /// [`LocalClusterError::AlreadyRunning`].
     pub fn start_node(&mut self, i: usize) -> Result<(), LocalClusterError> {
         let len = self.nodes.len();
         let node = self
@@ -274,8 +283,9 @@ impl LocalCluster {
         self.start_node(i)
     }
 
-    /// Stops every node — fast shutdown, then immediate, then SIGKILL, each with a bounded
-    /// wait — and removes the cluster directory (unless [`KEEP_DIR_ENV`] is set). Never panics;
+    /// Stops every node's postmaster by its PID — ours or adopted after a restart outside the
+    /// fixture — with fast shutdown, then immediate, then SIGKILL, each with a bounded wait,
+    /// and removes the cluster directory (unless [`KEEP_DIR_ENV`] is set). Never panics;
     /// problems are logged. Idempotent.
     pub fn shutdown(&mut self) {
         let Some(dir) = self.dir.take() else {
@@ -302,25 +312,31 @@ impl LocalCluster {
         ];
         let mut children = Vec::new();
         for (signal, limit) in phases {
-            let mut running: Vec<&mut Node> = self
+            // Refreshing reaps exited children and adopts postmasters restarted outside.
+            let running: Vec<(&Node, u32)> = self
                 .nodes
-                .iter_mut()
-                .filter_map(|n| (!n.reap_if_exited()).then_some(n))
+                .iter()
+                .filter_map(|n| n.refresh().map(|pid| (n, pid)))
                 .collect();
             if running.is_empty() {
                 break;
             }
-            for node in &running {
-                children.extend(node.pid().map(process::children_of).unwrap_or_default());
-                if let Err(e) = node.send(signal) {
+            for (node, pid) in &running {
+                children.extend(process::children_of(*pid));
+                if let Err(e) = process::signal(*pid, signal) {
                     tracing::warn!(node = node.index, "teardown: {e}");
                 }
             }
             let deadline = Instant::now() + limit;
-            for node in &mut running {
+            for (node, pid) in &running {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !node.wait_exit(left) {
-                    tracing::warn!(node = node.index, pid = ?node.pid(), "teardown: still running after {}", signal.as_str());
+                    tracing::warn!(
+                        node = node.index,
+                        pid,
+                        "teardown: still running after {}",
+                        signal.as_str()
+                    );
                 }
             }
         }
@@ -335,10 +351,13 @@ impl LocalCluster {
     fn print_logs_for_panic(&self) {
         let mut stderr = std::io::stderr().lock();
         for node in &self.nodes {
+            let pid = node
+                .refresh()
+                .map_or("not running".to_owned(), |p| format!("pid {p}"));
             // Failing to write diagnostics must not turn a panic into an abort.
             let _ = writeln!(
                 stderr,
-                "--- last lines of {} ({}) ---\n{}",
+                "--- last lines of {} ({pid}, {}) ---\n{}",
                 node.name,
                 node.log_file.display(),
                 node.tail()

@@ -1,11 +1,13 @@
-//! One node of a local cluster: its data directory, port and log, and the postmaster we run as
-//! a direct child — starting it, waiting until it accepts connections, signalling and reaping
-//! it, and querying it with `psql` over its Unix socket.
+//! One node of a local cluster: its data directory, port and log, and its postmaster — the one
+//! we run as a direct child, or one restarted outside the fixture (`pg_ctl`) that we adopt from
+//! `postmaster.pid` — starting it, waiting until it accepts connections, signalling it by PID,
+//! reaping it, and querying it with `psql` over its Unix socket.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -34,7 +36,35 @@ pub(crate) struct Host {
     pub(crate) socket_dir: PathBuf,
 }
 
-/// A node: a data directory and, while it runs, the postmaster child process.
+/// A node's running postmaster.
+#[derive(Debug)]
+enum Postmaster {
+    /// Started by us: we wait for it and reap it.
+    Child(Child),
+    /// Started outside the fixture (`pg_ctl start` after a `pg_ctl stop` of our child), found
+    /// through `postmaster.pid`: we signal it by PID and watch `/proc`, but cannot reap it.
+    Adopted {
+        pid: u32,
+        /// Its start time ([`process::start_time_of`]): once it has exited, its PID may be
+        /// reused, and only the start time tells the newcomer apart.
+        started: u64,
+    },
+}
+
+impl Postmaster {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Child(child) => child.id(),
+            Self::Adopted { pid, .. } => *pid,
+        }
+    }
+}
+
+/// A node: a data directory and, while it runs, its postmaster.
+///
+/// Every look at the postmaster ([`Node::refresh`]) first forgets one that has exited (reaping
+/// our child) and then, if none is held, adopts the live postmaster that `postmaster.pid` names
+/// on our data directory — so a node restarted outside the fixture is still stopped by its PID.
 #[derive(Debug)]
 pub(crate) struct Node {
     pub(crate) index: usize,
@@ -45,7 +75,38 @@ pub(crate) struct Node {
     pub(crate) port: u16,
     /// A `postgres` program other than the cluster's (a node moved to another minor version).
     pub(crate) postgres: Option<PathBuf>,
-    child: Option<Child>,
+    /// Behind a lock so that `&self` queries can reap and adopt.
+    postmaster: Mutex<Option<Postmaster>>,
+}
+
+/// What a PostgreSQL lock file says: `postmaster.pid` (see PostgreSQL's `pidfile.h`), or a
+/// socket's `.s.PGSQL.<port>.lock`, which starts the same way.
+#[derive(Debug, PartialEq, Eq)]
+struct LockFile {
+    /// Line 1: the postmaster's PID.
+    pid: u32,
+    /// Line 2: its data directory.
+    data_dir: PathBuf,
+    /// Line 8, once written: `starting`, `stopping`, `ready` or `standby`.
+    status: Option<String>,
+}
+
+impl LockFile {
+    fn read(path: &Path) -> Option<Self> {
+        Self::parse(&std::fs::read_to_string(path).ok()?)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        let pid = lines.next()?.trim().parse().ok()?;
+        let data_dir = PathBuf::from(lines.next()?);
+        let status = lines.nth(5).map(|line| line.trim().to_owned());
+        Some(Self {
+            pid,
+            data_dir,
+            status,
+        })
+    }
 }
 
 impl Node {
@@ -59,32 +120,114 @@ impl Node {
             name,
             port,
             postgres: None,
-            child: None,
+            postmaster: Mutex::new(None),
         }
     }
 
-    /// The postmaster's PID while we hold it (until it is reaped).
+    /// The PID of the running postmaster (our child or an adopted one), after [`Self::refresh`].
     pub(crate) fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.refresh()
     }
 
-    /// Whether the postmaster is alive.
+    /// Whether a postmaster runs on this node (our child or an adopted one).
     pub(crate) fn is_running(&self) -> bool {
-        self.pid().is_some_and(process::process_alive)
+        self.pid().is_some()
+    }
+
+    /// Forgets a postmaster that has exited (reaping our child), then, if none is held, adopts
+    /// the live postmaster `postmaster.pid` names on our data directory (one restarted outside
+    /// the fixture). Returns the PID of the postmaster held now.
+    pub(crate) fn refresh(&self) -> Option<u32> {
+        let mut held = self.held();
+        self.forget_exited(&mut held);
+        if held.is_none() {
+            if let Some(adopted) = self.foreign_postmaster() {
+                tracing::info!(
+                    node = self.index,
+                    pid = adopted.pid(),
+                    "adopted a postmaster started outside the fixture"
+                );
+                *held = Some(adopted);
+            }
+        }
+        held.as_ref().map(Postmaster::pid)
+    }
+
+    fn held(&self) -> MutexGuard<'_, Option<Postmaster>> {
+        // The state stays consistent even if a holder panicked: it is one assignment.
+        self.postmaster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets the held postmaster if it has exited, reaping it if it is our child; true when
+    /// none is held any more. Adopts nothing.
+    fn forget_exited(&self, held: &mut Option<Postmaster>) -> bool {
+        let exited = match held.as_mut() {
+            None => return true,
+            Some(Postmaster::Child(child)) => match child.try_wait() {
+                Ok(Some(status)) => {
+                    let pid = child.id();
+                    tracing::debug!(node = self.index, pid, %status, "postmaster exited");
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(node = self.index, "cannot wait for the postmaster: {e}");
+                    false
+                }
+            },
+            Some(Postmaster::Adopted { pid, started }) => {
+                let gone =
+                    !process::process_alive(*pid) || process::start_time_of(*pid) != Some(*started);
+                if gone {
+                    tracing::debug!(node = self.index, pid, "adopted postmaster exited");
+                }
+                gone
+            }
+        };
+        if exited {
+            *held = None;
+        }
+        exited
+    }
+
+    /// The live postmaster `postmaster.pid` names, if the file and the process's working
+    /// directory (a postmaster changes into its data directory) are both our data directory.
+    /// The second check refuses a PID reused by another process after a crash left the file.
+    fn foreign_postmaster(&self) -> Option<Postmaster> {
+        let lock = self.lock_file()?;
+        let ours = std::fs::canonicalize(&self.data_dir).ok()?;
+        let named_ours = std::fs::canonicalize(&lock.data_dir).ok()? == ours;
+        let runs_in_ours = process::cwd_of(lock.pid)? == ours;
+        let started = process::start_time_of(lock.pid)?;
+        (named_ours && runs_in_ours && process::process_alive(lock.pid)).then_some(
+            Postmaster::Adopted {
+                pid: lock.pid,
+                started,
+            },
+        )
+    }
+
+    fn lock_file(&self) -> Option<LockFile> {
+        LockFile::read(&self.data_dir.join("postmaster.pid"))
     }
 
     /// Starts the postmaster and waits until it accepts connections. When it cannot bind its
     /// port, retries up to [`BIND_RETRIES`] times: on a fresh port if `may_change_port`, else
-    /// on the same port after a pause.
+    /// on the same port after a pause. A node whose postmaster runs, ours or adopted, is
+    /// [`LocalClusterError::AlreadyRunning`].
     pub(crate) fn start(
         &mut self,
         host: &Host,
         may_change_port: bool,
     ) -> Result<(), LocalClusterError> {
-        self.reap_if_exited();
-        if self.child.is_some() {
+        if self.refresh().is_some() {
             return Err(LocalClusterError::AlreadyRunning(self.index));
         }
+        // A SIGKILLed adopted postmaster leaves lock files naming a zombie we cannot reap.
+        remove_if_stale(&self.data_dir.join("postmaster.pid"))?;
+        remove_if_stale(&host.socket_dir.join(format!(".s.PGSQL.{}.lock", self.port)))?;
         let mut attempt = 0;
         loop {
             let log_offset = self.log_len();
@@ -108,7 +251,8 @@ impl Node {
                     }
                 }
                 Err(err) => {
-                    if self.child.is_some() {
+                    let ours_still_held = matches!(*self.held(), Some(Postmaster::Child(_)));
+                    if ours_still_held {
                         // A postmaster that never got ready is not left behind.
                         let _ = self.kill9();
                     }
@@ -152,7 +296,7 @@ impl Node {
             port = self.port,
             "postmaster started"
         );
-        self.child = Some(child);
+        *self.held() = Some(Postmaster::Child(child));
         Ok(())
     }
 
@@ -161,13 +305,18 @@ impl Node {
         let deadline = Instant::now() + limit;
         let mut last_status = String::from("no postmaster.pid yet");
         loop {
-            let Some(child) = self.child.as_mut() else {
+            let mut held = self.held();
+            let Some(Postmaster::Child(child)) = held.as_mut() else {
                 return Err(LocalClusterError::NotRunning(self.index));
             };
             let pid = child.id();
-            match child.try_wait() {
+            let exited = child.try_wait();
+            if matches!(exited, Ok(Some(_))) {
+                *held = None;
+            }
+            drop(held);
+            match exited {
                 Ok(Some(status)) => {
-                    self.child = None;
                     return Err(LocalClusterError::NodeExited {
                         node: self.index,
                         status: status.to_string(),
@@ -210,11 +359,7 @@ impl Node {
     /// The status line of `postmaster.pid` if the file belongs to `pid` (a stale file left by a
     /// killed postmaster does not count).
     fn postmaster_status(&self, pid: u32) -> Option<String> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        let mut lines = text.lines();
-        let owner: u32 = lines.next()?.trim().parse().ok()?;
-        let status = lines.nth(6)?.trim();
-        (owner == pid).then(|| status.to_owned())
+        self.lock_file().filter(|lock| lock.pid == pid)?.status
     }
 
     /// Whether the log written since `offset` says the postmaster could not listen on its port.
@@ -223,7 +368,7 @@ impl Node {
         text.contains("could not bind") || text.contains("could not create any TCP/IP sockets")
     }
 
-    /// Sends `signal` to the postmaster alone.
+    /// Sends `signal` to the postmaster alone (ours or adopted).
     pub(crate) fn send(&self, signal: Signal) -> Result<(), LocalClusterError> {
         match self.pid() {
             Some(pid) => process::signal(pid, signal),
@@ -231,30 +376,14 @@ impl Node {
         }
     }
 
-    /// Reaps the postmaster if it has exited; true when no postmaster is held any more.
-    pub(crate) fn reap_if_exited(&mut self) -> bool {
-        let Some(child) = self.child.as_mut() else {
-            return true;
-        };
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                tracing::debug!(node = self.index, pid = child.id(), %status, "postmaster exited");
-                self.child = None;
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                tracing::warn!(node = self.index, "cannot wait for the postmaster: {e}");
-                false
-            }
-        }
-    }
-
-    /// Waits up to `limit` for the postmaster to exit; true when it has and was reaped.
-    pub(crate) fn wait_exit(&mut self, limit: Duration) -> bool {
+    /// Waits up to `limit` for the held postmaster to exit; true when it has (and, if it is our
+    /// child, was reaped). An adopted postmaster, not our child, counts as exited once
+    /// [`process::process_alive`] says so (or its PID names a process started since). Adopts
+    /// nothing while waiting.
+    pub(crate) fn wait_exit(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            if self.reap_if_exited() {
+            if self.forget_exited(&mut self.held()) {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -264,22 +393,22 @@ impl Node {
         }
     }
 
-    /// Signals the postmaster, waits up to `limit` for it to exit, reaps it, then waits for
-    /// the children it had to be gone.
+    /// Signals the postmaster (ours or adopted) by PID, waits up to `limit` for it to exit,
+    /// then waits for the children it had to be gone.
     pub(crate) fn stop(
         &mut self,
         signal: Signal,
         limit: Duration,
     ) -> Result<(), LocalClusterError> {
-        if self.reap_if_exited() {
+        let Some(pid) = self.refresh() else {
             return Err(LocalClusterError::NotRunning(self.index));
-        }
-        let children = self.pid().map(process::children_of).unwrap_or_default();
-        self.send(signal)?;
+        };
+        let children = process::children_of(pid);
+        process::signal(pid, signal)?;
         if !self.wait_exit(limit) {
             return Err(LocalClusterError::Timeout {
                 what: format!(
-                    "waiting for {} to exit after {}",
+                    "waiting for {} (pid {pid}) to exit after {}",
                     self.name,
                     signal.as_str()
                 ),
@@ -294,23 +423,12 @@ impl Node {
         self.finish_children(&children)
     }
 
-    /// SIGKILLs the postmaster, reaps it, and waits until the children it had are gone (they
-    /// notice their parent's death by themselves; stragglers are SIGKILLed after 10 s), so the
-    /// port and shared memory are free for a restart.
+    /// SIGKILLs the postmaster (ours or adopted) and waits (10 s) until it is gone and the
+    /// children it had are gone too (they notice their parent's death by themselves;
+    /// stragglers are SIGKILLed after 10 s), so the port and shared memory are free for a
+    /// restart.
     pub(crate) fn kill9(&mut self) -> Result<(), LocalClusterError> {
-        if self.reap_if_exited() {
-            return Err(LocalClusterError::NotRunning(self.index));
-        }
-        let children = self.pid().map(process::children_of).unwrap_or_default();
-        self.send(Signal::SIGKILL)?;
-        if !self.wait_exit(Duration::from_secs(10)) {
-            return Err(LocalClusterError::Timeout {
-                what: format!("waiting for {} to die after SIGKILL", self.name),
-                waited: Duration::from_secs(10),
-                context: "the postmaster did not exit".to_owned(),
-            });
-        }
-        self.finish_children(&children)
+        self.stop(Signal::SIGKILL, Duration::from_secs(10))
     }
 
     /// Waits for the former children of the postmaster to be gone, SIGKILLing stragglers.
@@ -359,6 +477,31 @@ impl Node {
     }
 }
 
+/// Removes the lock file at `path` (`postmaster.pid`, or the socket's `.s.PGSQL.<port>.lock`,
+/// which starts the same way) if it names a process that is not alive. PostgreSQL removes such
+/// a file itself unless the PID still exists — as a zombie, which is what an adopted postmaster
+/// that we SIGKILLed stays until its parent (pid 1 or a subreaper) reaps it, if ever; the next
+/// postmaster would then refuse to start ("lock file … already exists").
+fn remove_if_stale(path: &Path) -> Result<(), LocalClusterError> {
+    let Some(lock) = LockFile::read(path) else {
+        return Ok(());
+    };
+    if process::process_alive(lock.pid) {
+        return Ok(());
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::debug!(pid = lock.pid, "removed the stale {}", path.display());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LocalClusterError::io(
+            format!("removing the stale {}", path.display()),
+            e,
+        )),
+    }
+}
+
 /// The last `lines` lines of `path` written after byte `offset` (at most the last 64 KiB).
 pub(crate) fn log_tail(path: &Path, offset: u64, lines: usize) -> String {
     const WINDOW: u64 = 64 * 1024;
@@ -379,6 +522,27 @@ pub(crate) fn log_tail(path: &Path, offset: u64, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_file_gives_pid_data_dir_and_status_once_written() {
+        let lock = |status: Option<&str>| LockFile {
+            pid: 4242,
+            data_dir: PathBuf::from("/tmp/c/node1"),
+            status: status.map(str::to_owned),
+        };
+        let ready = "4242\n/tmp/c/node1\n1700000000\n5433\n/tmp/c/sock\n127.0.0.1\n  \
+                     1234567    98304\nready   \n";
+        let cases = [
+            (ready, Some(lock(Some("ready")))),
+            ("4242\n/tmp/c/node1\n1700000000\n", Some(lock(None))),
+            ("4242\n", None),
+            ("not a pid\n/tmp/c/node1\n", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(LockFile::parse(text), want, "{text:?}");
+        }
+    }
 
     #[test]
     fn log_tail_keeps_the_last_lines_after_the_offset() {

@@ -1,5 +1,6 @@
 //! Processes of the local cluster: the OS identity PostgreSQL runs as, running its client
-//! programs with a time bound, signalling by PID, and finding a postmaster's children in `/proc`.
+//! programs with a time bound, signalling by PID, and finding a postmaster's children and
+//! working directory in `/proc`.
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -247,15 +248,32 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// The state letter and parent PID of `pid`, from `/proc/<pid>/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u32)> {
+/// The fields of `/proc/<pid>/stat` from the state (field 3) on.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ..."; comm may hold spaces and parentheses, so split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The state letter and parent PID of `pid`, from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let fields = stat_fields(pid)?;
+    let state = fields.first()?.chars().next()?;
+    let ppid = fields.get(1)?.parse().ok()?;
     Some((state, ppid))
+}
+
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+/// With the PID it names one process: a process that reuses the PID starts later.
+pub(crate) fn start_time_of(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// The working directory of process `pid` (a postmaster's is its data directory); `None` when
+/// the process is gone or we may not inspect it.
+pub(crate) fn cwd_of(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
 /// The live processes whose parent is `pid` (a postmaster's backends and auxiliary processes).
@@ -342,6 +360,21 @@ mod tests {
     fn nonexistent_pid_is_not_alive() {
         assert!(!process_alive(0));
         assert!(!process_alive(u32::MAX));
+        assert_eq!(cwd_of(u32::MAX), None);
+    }
+
+    #[test]
+    fn start_time_tells_processes_apart() {
+        let me = start_time_of(std::process::id()).expect("own start time");
+        assert_eq!(start_time_of(std::process::id()), Some(me));
+        assert!(start_time_of(1).is_some_and(|init| init <= me));
+        assert_eq!(start_time_of(u32::MAX), None);
+    }
+
+    #[test]
+    fn own_working_directory_is_read_from_proc() {
+        let here = std::env::current_dir().and_then(std::fs::canonicalize);
+        assert_eq!(cwd_of(std::process::id()), here.ok());
     }
 
     #[test]
