@@ -116,8 +116,11 @@ fn fmt(d: Duration) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeFigure {
     pub name: String,
-    /// Up and in rotation.
+    /// Answering health checks. A node an operator drained is still up: draining is how
+    /// upgrades are done, and the gate is what they wait on.
     pub up: bool,
+    /// Taken out of rotation by an operator (draining or drained).
+    pub drained: bool,
     /// Replication lag of a standby, seconds (None for a primary or when unknown).
     pub lag_seconds: Option<f64>,
     pub is_standby: bool,
@@ -228,14 +231,19 @@ pub fn evaluate(
             .filter(|n| !n.up)
             .map(|n| n.name.as_str())
             .collect();
+        let drained: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.up && n.drained)
+            .map(|n| n.name.as_str())
+            .collect();
         c.push(Condition {
             name: "nodes_up",
             pass: down.is_empty() && !nodes.is_empty(),
-            bound: "all nodes up and in rotation".into(),
-            measured: if down.is_empty() {
-                format!("{} up", nodes.len())
-            } else {
-                format!("not up: {}", down.join(", "))
+            bound: "all nodes up (drained counts as up)".into(),
+            measured: match (down.is_empty(), drained.is_empty()) {
+                (false, _) => format!("not up: {}", down.join(", ")),
+                (true, true) => format!("{} up", nodes.len()),
+                (true, false) => format!("{} up, drained: {}", nodes.len(), drained.join(", ")),
             },
         });
         if let Some(max) = query.max_lag {
@@ -323,12 +331,14 @@ mod tests {
             NodeFigure {
                 name: "pg1".into(),
                 up: true,
+                drained: false,
                 lag_seconds: None,
                 is_standby: false,
             },
             NodeFigure {
                 name: "pg2".into(),
                 up: true,
+                drained: false,
                 lag_seconds: Some(0.2),
                 is_standby: true,
             },
@@ -378,6 +388,35 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_node_that_is_up_passes_and_is_named() {
+        let (s, r) = healthy();
+        let nodes = [
+            NodeFigure {
+                name: "pg1".into(),
+                up: true,
+                drained: false,
+                lag_seconds: None,
+                is_standby: false,
+            },
+            NodeFigure {
+                name: "pg2".into(),
+                up: true,
+                drained: true,
+                lag_seconds: Some(0.0),
+                is_standby: true,
+            },
+        ];
+        let v = evaluate(&GateQuery::default(), &s, &r, Some(&nodes));
+        assert!(v.pass, "{:?}", v.reasons());
+        let up = v
+            .conditions
+            .iter()
+            .find(|c| c.name == "nodes_up")
+            .expect("nodes_up");
+        assert_eq!(up.measured, "2 up, drained: pg2");
+    }
+
+    #[test]
     fn nodes_down_or_lagging_fail_the_gate() {
         let (s, r) = healthy();
         let q = GateQuery::parse("max_lag=1s").expect("q");
@@ -385,12 +424,14 @@ mod tests {
             NodeFigure {
                 name: "pg2".into(),
                 up: false,
+                drained: false,
                 lag_seconds: Some(4.0),
                 is_standby: true,
             },
             NodeFigure {
                 name: "pg3".into(),
                 up: true,
+                drained: false,
                 lag_seconds: None,
                 is_standby: true,
             },

@@ -329,7 +329,9 @@ fn nodes(ctx: &Context) -> Reply {
                 "address": format!("{}:{}", n.config.host, n.config.port),
                 "role": n.role.as_str(),
                 "state": n.state_str(),
+                "admin_state": drain::admin_str(n.admin),
                 "version": n.version,
+                "started_at": n.started_at,
                 "lag_bytes": snapshot.lag_bytes(n),
                 "lag_seconds": if n.role == Role::Standby { n.wal.replay_delay } else { None },
                 "sessions": load.sessions,
@@ -354,18 +356,46 @@ fn nodes(ctx: &Context) -> Reply {
 /// A minimal HTTP/1.0 GET (for `graywire gate`, and the tests' Prometheus client): 1.0, so
 /// no server answers with chunked encoding. Returns (status, body).
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_call(addr, "GET", path, None, Duration::from_secs(10)).await
+}
+
+/// One HTTP/1.0 request (`GET` or a body-less `POST`) with an optional bearer token, answered
+/// within `limit`. Returns (status, body). The admin API's own client: `graywire gate` and
+/// `graywire rollout`.
+pub async fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    limit: Duration,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req =
+            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         Ok(split_http_response(&String::from_utf8_lossy(&buf)))
     };
-    tokio::time::timeout(Duration::from_secs(10), work)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10s"))?
+    tokio::time::timeout(limit, work).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )
+    })?
+}
+
+/// `http://host:port` (a trailing `/` allowed) as `host:port`, or why not.
+pub fn admin_address(url: &str) -> Result<String, String> {
+    url.strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/').to_owned())
+        .filter(|a| !a.is_empty() && !a.contains('/') && a.contains(':'))
+        .ok_or_else(|| format!("{url:?} is not an admin URL like http://127.0.0.1:9930"))
 }
 
 /// (status, body) of a whole HTTP response (status 0 if it has no status line).

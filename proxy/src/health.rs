@@ -182,7 +182,8 @@ impl Drop for Checker {
 
 /// Role, version, WAL position (current on a primary, replayed on a standby), on a standby how
 /// long replay has been behind (0 once it has replayed all it received), and on a primary the
-/// timeline it writes (the first 8 hex digits of its current WAL file name).
+/// timeline it writes (the first 8 hex digits of its current WAL file name); and when its postmaster
+/// started, which tells a restart apart from a node that never went away.
 const CHECK_QUERY: &str = "SELECT pg_is_in_recovery(), current_setting('server_version'), \
      ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END) \
        - '0/0'::pg_lsn)::bigint, \
@@ -190,7 +191,8 @@ const CHECK_QUERY: &str = "SELECT pg_is_in_recovery(), current_setting('server_v
           WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0::float8 \
           ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END, \
      CASE WHEN pg_is_in_recovery() THEN NULL \
-          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
+          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+     extract(epoch FROM pg_postmaster_start_time())::float8";
 
 async fn check_once(
     conn: &mut Option<Checker>,
@@ -215,6 +217,7 @@ async fn check_once(
         let lsn: Option<i64> = row.try_get(2).map_err(|e| e.to_string())?;
         let replay_delay: Option<f64> = row.try_get(3).map_err(|e| e.to_string())?;
         let timeline: Option<i32> = row.try_get(4).map_err(|e| e.to_string())?;
+        let started_at: Option<f64> = row.try_get(5).map_err(|e| e.to_string())?;
         Ok(Observation::Ok {
             role: if in_recovery {
                 Role::Standby
@@ -227,6 +230,7 @@ async fn check_once(
                 replay_delay: replay_delay.map(|d| d.max(0.0)),
                 timeline: timeline.and_then(|t| u32::try_from(t).ok()),
             },
+            started_at,
         })
     };
     match tokio::time::timeout(health.timeout, attempt).await {

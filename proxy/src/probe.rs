@@ -95,7 +95,8 @@ pub fn node_figures(ctx: &Context) -> Vec<NodeFigure> {
         .iter()
         .map(|n| NodeFigure {
             name: n.name().to_string(),
-            up: n.in_rotation(),
+            up: n.health == Health::Up,
+            drained: n.admin != crate::topology::AdminState::Active,
             lag_seconds: (n.role == Role::Standby)
                 .then_some(n.wal.replay_delay)
                 .flatten(),

@@ -215,6 +215,7 @@ mod tests {
                     role,
                     version: "15".into(),
                     wal: Default::default(),
+                    started_at: None,
                 },
                 3,
                 2,

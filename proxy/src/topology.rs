@@ -87,6 +87,8 @@ pub enum Observation {
         role: Role,
         version: String,
         wal: WalPosition,
+        /// When the node's postmaster started (Unix seconds): changes when it restarts.
+        started_at: Option<f64>,
     },
     Failed {
         reason: String,
@@ -100,6 +102,8 @@ pub struct NodeStatus {
     pub health: Health,
     pub version: Option<String>,
     pub wal: WalPosition,
+    /// The postmaster's start time last seen (Unix seconds).
+    pub started_at: Option<f64>,
     pub admin: AdminState,
     pub last_error: Option<String>,
     /// Consecutive successes (while down) or failures (while up).
@@ -115,6 +119,7 @@ impl NodeStatus {
             health: Health::Pending,
             version: None,
             wal: WalPosition::default(),
+            started_at: None,
             admin: AdminState::Active,
             last_error: None,
             streak: 0,
@@ -146,8 +151,14 @@ impl NodeStatus {
     pub fn observe(&self, obs: &Observation, fall: u32, rise: u32, now: Instant) -> NodeStatus {
         let mut next = self.clone();
         match obs {
-            Observation::Ok { role, version, wal } => {
+            Observation::Ok {
+                role,
+                version,
+                wal,
+                started_at,
+            } => {
                 next.version = Some(version.clone());
+                next.started_at = *started_at;
                 next.wal = *wal;
                 next.last_error = None;
                 match self.health {
@@ -369,6 +380,7 @@ mod tests {
             role,
             version: "15".into(),
             wal: WalPosition::default(),
+            started_at: None,
         }
     }
 
