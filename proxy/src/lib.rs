@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod protocol;
+pub mod rollout;
 pub mod router;
 pub mod session;
 pub mod shutdown;

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use graywire::config::Config;
 use graywire::demo::{self, DemoOptions};
+use graywire::rollout::cli::RolloutArgs;
 use graywire::Proxy;
 
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -50,6 +51,11 @@ enum Command {
         /// Worker threads (0: one per core, 1: single-threaded), as runtime.worker_threads.
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Upgrade every node with `graywire rollout` under a little application load (onto
+        /// PostgreSQL 15.20 fetched from Debian when possible, else restart only), print the
+        /// report and exit: 0 only if nothing was lost and the application saw no error.
+        #[arg(long)]
+        rolling_upgrade: bool,
     },
     /// Run the write-continuity probe standalone against any endpoint (a node, PgBouncer,
     /// HAProxy, graywire), serving /metrics, /v1/gate and /v1/probe.
@@ -57,6 +63,10 @@ enum Command {
     /// Ask a graywire (or standalone probe) for its gate verdict; with --wait, poll until it
     /// passes. Exit 0 pass, 1 fail or timeout (reasons printed), 2 usage error.
     Gate(GateArgs),
+    /// Upgrade every node one at a time, standbys first, the primary last via a switchover,
+    /// each step gated on the probe's measurements. Exit 0 done, 1 stopped on a failure (the
+    /// report says what and what to do), 2 refused before changing anything.
+    Rollout(Box<RolloutArgs>),
 }
 
 #[derive(clap::Args)]
@@ -169,16 +179,19 @@ fn main() -> ExitCode {
             runtime_then(0, |stop| async move { probe_standalone(args, stop).await })
         }
         Command::Gate(args) => gate_command(args),
+        Command::Rollout(args) => rollout_command(*args),
         Command::Demo {
             nodes,
             port,
             admin_port,
             threads,
+            rolling_upgrade,
         } => {
             let opts = DemoOptions {
                 nodes: nodes as usize,
                 listen: SocketAddr::from(([127, 0, 0, 1], port)),
                 admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+                rolling_upgrade,
             };
             runtime_then(threads, |stop| async move {
                 ignore_sighup()?;
@@ -298,17 +311,12 @@ fn gate_command(args: GateArgs) -> ExitCode {
             }
         }
     }
-    let Some(addr) = args
-        .admin
-        .strip_prefix("http://")
-        .map(|a| a.trim_end_matches('/').to_owned())
-        .filter(|a| !a.is_empty() && !a.contains('/'))
-    else {
-        eprintln!(
-            "graywire gate: --admin must look like http://host:port, not {:?}",
-            args.admin
-        );
-        return ExitCode::from(2);
+    let addr = match graywire::admin::admin_address(&args.admin) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("graywire gate: --admin: {e}");
+            return ExitCode::from(2);
+        }
     };
     let path = format!("/v1/gate?{}", query.to_query());
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -353,6 +361,20 @@ fn gate_command(args: GateArgs) -> ExitCode {
             tokio::time::sleep(args.poll).await;
         }
     })
+}
+
+/// `graywire rollout`: 0 done, 1 stopped on a failure, 2 refused before changing anything.
+fn rollout_command(args: RolloutArgs) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => ExitCode::from(r.block_on(graywire::rollout::cli::run(args)).0),
+        Err(e) => {
+            eprintln!("graywire rollout: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGHUP: read the config file again; apply it if valid, otherwise keep the running config
