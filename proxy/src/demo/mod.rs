@@ -1,6 +1,9 @@
 //! `graywire demo`: a real local cluster (one primary, streaming standbys), graywire in front
-//! of it with the admin API, until Ctrl-C or SIGTERM; then everything it started is stopped and
-//! its directory removed.
+//! of it with the admin API, until Ctrl-C or SIGTERM — or, with `--rolling-upgrade`, until a
+//! rolling upgrade of the cluster is done ([`rolling`]); then everything it started is stopped
+//! and its directory removed.
+
+pub mod rolling;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -16,7 +19,7 @@ use crate::Proxy;
 
 /// The client user the demo creates, and its password.
 pub const DEMO_USER: &str = "app";
-const DEMO_PASSWORD: &str = "app";
+pub const DEMO_PASSWORD: &str = "app";
 
 #[derive(Debug, Error)]
 pub enum DemoError {
@@ -31,12 +34,18 @@ pub enum DemoError {
     },
     #[error("the cluster task failed: {0}")]
     Task(String),
+    #[error("the rolling upgrade fell short: {0}")]
+    RollingUpgrade(String),
+    #[error("--rolling-upgrade needs at least 2 nodes (a primary alone cannot be upgraded without an outage)")]
+    TooFewNodes,
 }
 
 pub struct DemoOptions {
     pub nodes: usize,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// Run a rolling upgrade of the cluster, print its report and exit.
+    pub rolling_upgrade: bool,
 }
 
 /// The graywire config for a local cluster. Nodes are listed in reverse, so the primary is
@@ -64,6 +73,9 @@ pub fn demo_config(cluster: &LocalCluster, listen: SocketAddr, admin: SocketAddr
 
 /// Runs the demo until `stop` is cancelled.
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoError> {
+    if opts.rolling_upgrade && opts.nodes < 2 {
+        return Err(DemoError::TooFewNodes);
+    }
     let mut spec = ClusterSpec::new(opts.nodes)?;
     let mut password = [0u8; 12];
     rand::fill(&mut password);
@@ -131,12 +143,29 @@ async fn serve(
          \n  metrics: http://{admin_addr}/metrics\
          \n  gate:    http://{admin_addr}/v1/gate?window=30s&max_stall=1s&max_gaps=0\
          \n  probe:   http://{admin_addr}/v1/probe (writes ids through graywire every 100 ms)\
-         \n\n  nodes:\n    {:<6} {:<22} {:<8} STATE\n{table}\npress Ctrl-C to stop",
+         \n\n  nodes:\n    {:<6} {:<22} {:<8} STATE\n{table}\n{}",
         "NAME",
         "ADDRESS",
         "ROLE",
+        if opts.rolling_upgrade {
+            "starting a rolling upgrade of every node"
+        } else {
+            "press Ctrl-C to stop"
+        },
         dir = cluster.dir().display(),
     );
+    if opts.rolling_upgrade {
+        // `running` (the proxy itself) is polled alongside the rollout.
+        let result = tokio::select! {
+            r = rolling::run(cluster, listen, admin_addr) => r,
+            _ = &mut running => Err(DemoError::RollingUpgrade(
+                "interrupted: graywire stopped before the rollout ended".into(),
+            )),
+        };
+        stop.cancel();
+        running.await;
+        return result;
+    }
     running.await;
     Ok(())
 }
