@@ -511,3 +511,40 @@ async fn two_instances_are_drained_and_undrained_together_and_never_route_to_a_d
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_is_refused_before_any_change_without_the_token_or_with_a_bad_plan() {
+    let cluster = start_cluster(2).await;
+    let token = "rollout-token-0123456789";
+    let mut opts = with_probe();
+    opts.extra = format!("[admin]\ntoken = \"{token}\"\n\n{}", opts.extra);
+    let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
+    let base = |extra: &[&str]| {
+        let mut f = cluster_flags(&cluster, &[&proxy]);
+        f.extend(["--upgrade-cmd", "exit 0", "--switchover-cmd", "exit 0"].map(String::from));
+        f.extend(extra.iter().map(|s| s.to_string()));
+        f
+    };
+    // No token, a wrong token: refused (exit 2), nothing drained.
+    for extra in [&[][..], &["--token", "wrong"][..]] {
+        let (code, report) = rollout(base(extra)).await;
+        assert_eq!((code, report.is_none()), (2, true), "{extra:?}");
+    }
+    // A finalize command without a target version, a data directory for a node that does not
+    // exist: refused.
+    for extra in [
+        &["--token", token, "--finalize-cmd", "echo done"][..],
+        &["--token", token, "--data-dir", "pg7=/nowhere"][..],
+    ] {
+        let (code, report) = rollout(base(extra)).await;
+        assert_eq!((code, report.is_none()), (2, true), "{extra:?}");
+    }
+    // A dry run with the token prints the plan and changes nothing.
+    let (code, report) = rollout(base(&["--token", token, "--dry-run"])).await;
+    assert_eq!((code, report.is_none()), (0, true));
+    for n in ["pg0", "pg1"] {
+        let info = proxy.node_info(n).await;
+        assert_eq!(info["admin_state"], "active", "{info}");
+    }
+    proxy.shutdown().await;
+}

@@ -249,3 +249,113 @@ pub fn spec(args: &RolloutArgs) -> Result<RolloutSpec, Vec<String>> {
         gate_timeout: args.gate_timeout,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn flags(extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--admin",
+            "http://127.0.0.1:9930",
+            "--upgrade-cmd",
+            "up.sh {node}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    #[test]
+    fn good_flags_make_a_spec() {
+        let args = parse(flags(&[
+            "--data-dir",
+            "pg1=/var/lib/pg1",
+            "--max-stall",
+            "2s",
+            "--max-gaps",
+            "0",
+            "--settle",
+            "10s",
+            "--expect-version",
+            "15.20",
+        ]))
+        .unwrap();
+        let s = spec(&args).unwrap();
+        assert_eq!(s.data_dirs["pg1"], PathBuf::from("/var/lib/pg1"));
+        assert_eq!(s.gate.max_stall, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(s.settle, std::time::Duration::from_secs(10));
+        assert!(s.upgrade.uses("node"));
+    }
+
+    #[test]
+    fn every_bad_flag_is_refused_with_its_name() {
+        let args = parse(flags(&[
+            "--admin",
+            "https://x:1",
+            "--data-dir",
+            "pg1",
+            "--data-dir",
+            "pg2=relative/path",
+            "--data-dir",
+            "pg3=/a",
+            "--data-dir",
+            "pg3=/b",
+            "--max-stall",
+            "soon",
+            "--max-gaps=-1",
+            "--switchover-cmd",
+            "sw {nope}",
+            "--expect-version",
+            " ",
+        ]))
+        .unwrap();
+        let problems = spec(&args).unwrap_err().join("\n");
+        for want in [
+            "--admin: \"https://x:1\" is not an admin URL",
+            "--data-dir \"pg1\": expected NODE=/absolute/path",
+            "--data-dir \"pg2=relative/path\": expected NODE=/absolute/path",
+            "--data-dir: pg3 is given twice",
+            "--max-stall: max_stall=\"soon\" is not a duration",
+            "--max-gaps: max_gaps=\"-1\" is not a whole number",
+            "--switchover-cmd: unknown placeholder {nope}",
+            "--expect-version is empty",
+        ] {
+            assert!(problems.contains(want), "missing {want:?} in:\n{problems}");
+        }
+    }
+
+    #[test]
+    fn clap_refuses_missing_and_malformed_flags() {
+        let e = parse(["--admin", "http://127.0.0.1:1"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--upgrade-cmd"), "{e}");
+        let e = parse(flags(&["--settle", "forever"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("is not a duration"), "{e}");
+        let e = parse(flags(&["--zap"])).err().unwrap().to_string();
+        assert!(e.contains("--zap"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_instance_is_refused_before_anything_changes() {
+        // A port nothing listens on: bind one, then free it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut f = flags(&[]);
+        f[1] = format!("http://127.0.0.1:{port}");
+        let (code, report) = run(parse(f).unwrap()).await;
+        assert_eq!(code, 2);
+        assert!(report.is_none());
+    }
+}

@@ -129,7 +129,38 @@ impl Fleet {
         }
         let fleet = Fleet { instances, token };
         fleet.views().await?;
+        fleet.check_token().await?;
         Ok(fleet)
+    }
+
+    /// Checks every instance accepts the token for mutating calls, without changing
+    /// anything: an undrain of a node that does not exist answers 404 when authorized and 401
+    /// when not.
+    async fn check_token(&self) -> Result<(), String> {
+        let path = "/v1/nodes/graywire-rollout-token-check/undrain";
+        for i in &self.instances {
+            match call(i, "POST", path, self.token.as_deref(), CALL_LIMIT).await? {
+                (404, _) => {}
+                (401, _) => {
+                    return Err(format!(
+                        "{}: the admin token is {} (--token or $GRAYWIRE_ADMIN_TOKEN)",
+                        i.url,
+                        if self.token.is_some() {
+                            "wrong"
+                        } else {
+                            "missing"
+                        }
+                    ))
+                }
+                (status, body) => {
+                    return Err(format!(
+                        "{}: the token check answered {status}: {body}",
+                        i.url
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn has_probe(&self) -> bool {
