@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod load;
+pub mod pgbench;
 pub mod raw;
 
 use std::fmt::Write as _;
@@ -38,6 +39,36 @@ pub async fn start_cluster(nodes: usize) -> LocalCluster {
     })
     .await
     .expect("cluster task")
+}
+
+/// The other PostgreSQL 15 build (the Debian package version, and the version it reports):
+/// 15.20 where 15.18 is installed, 15.18 where 15.20 is.
+pub fn other_build(installed: &str) -> (&'static str, &'static str) {
+    if installed.starts_with("15.20") {
+        ("15.18-0+deb12u1", "15.18")
+    } else {
+        ("15.20-0+deb12u1", "15.20")
+    }
+}
+
+/// Fetches [`other_build`] from Debian's archive into `$TMPDIR/graywire-pg-cache` (once) and
+/// returns its `bin` directory and version; a failed download fails the test loudly.
+pub async fn fetch_other_build() -> (std::path::PathBuf, &'static str) {
+    let installed = graywire::localcluster::PgBinaries::locate()
+        .expect("PostgreSQL binaries")
+        .version()
+        .expect("the installed version");
+    let (package, want) = other_build(&installed);
+    let cache = std::env::temp_dir().join("graywire-pg-cache");
+    let bindir = tokio::task::spawn_blocking(move || {
+        graywire::localcluster::fetch_debian_server(package, &cache)
+    })
+    .await
+    .expect("fetch task")
+    .unwrap_or_else(|e| {
+        panic!("fetching postgresql-15={package} from Debian's archive failed: {e}")
+    });
+    (bindir, want)
 }
 
 /// Runs a blocking cluster operation (stop, kill, promote, …) off the runtime's threads.

@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use graywire_tests::{config_for, planned_switchover, start_cluster, ProxyOptions, RunningProxy};
+use graywire_tests::{
+    config_for, pgbench, planned_switchover, start_cluster, ProxyOptions, RunningProxy,
+};
 
 fn transaction_mode(size: usize) -> ProxyOptions {
     ProxyOptions {
@@ -143,78 +145,23 @@ async fn a_session_that_leaves_mid_transaction_never_returns_its_connection() {
 /// Runs pgbench through graywire (`args` after the connection options) while `during` runs.
 async fn pgbench_through_a_switchover(extra_args: &[&str]) {
     let cluster = Arc::new(Mutex::new(start_cluster(3).await));
-    let (config, direct) = {
+    let (config, port, password) = {
         let c = cluster.lock().unwrap();
         (
             config_for(&c, &transaction_mode(20)),
-            (c.port(0), c.password().to_owned()),
+            c.port(0),
+            c.password().to_owned(),
         )
     };
-    let bindir = graywire::localcluster::PgBinaries::locate().unwrap();
-    let init = tokio::process::Command::new(bindir.program("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .args(["-p", &direct.0.to_string()])
-        .env("PGPASSWORD", &direct.1)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench::init_at(port, &password).await;
     let proxy = RunningProxy::start(&config).await;
-    let run = tokio::process::Command::new(bindir.program("pgbench"))
-        .args([
-            "-n",
-            "-T",
-            "8",
-            "-c",
-            "8",
-            "-j",
-            "2",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "app",
-        ])
-        .args(["-p", &proxy.addr.port().to_string()])
-        .args(extra_args)
-        .arg("postgres")
-        .env("PGPASSWORD", "app-pw")
-        .kill_on_drop(true)
-        .output();
-    let bench = tokio::spawn(run);
+    let mut args = vec!["-T", "8", "-c", "8"];
+    args.extend_from_slice(extra_args);
+    let bench = pgbench::start(proxy.addr.port(), &args);
     tokio::time::sleep(Duration::from_secs(2)).await;
     planned_switchover(&cluster, &proxy).await;
-    let out = tokio::time::timeout(Duration::from_secs(60), bench)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "pgbench failed:\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("number of failed transactions: 0 "),
-        "{stdout}"
-    );
-    let processed = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let (processed, failed, stdout) = pgbench::finish(bench, Duration::from_secs(60)).await;
+    assert_eq!(failed, 0, "{stdout}");
     assert!(processed > 0, "{stdout}");
     println!("pgbench {extra_args:?} through a switchover: {processed} transactions, none failed");
     proxy.shutdown().await;

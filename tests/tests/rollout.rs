@@ -8,37 +8,14 @@
 //! rollout` command runs) with the shell scripts of `config/rollout/` as its commands.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use graywire::localcluster::{fetch_debian_server, LocalCluster, PgBinaries};
+use graywire::localcluster::{LocalCluster, PgBinaries};
 use graywire::rollout::{cli, Report, Step};
 use graywire_tests::load::{error_counts, Load};
-use graywire_tests::{config_for, start_cluster, ProxyOptions, RunningProxy};
-
-/// The Debian package of the other PostgreSQL 15 build and the version it reports.
-fn other_build(installed: &str) -> (&'static str, &'static str) {
-    if installed.starts_with("15.20") {
-        ("15.18-0+deb12u1", "15.18")
-    } else {
-        ("15.20-0+deb12u1", "15.20")
-    }
-}
-
-/// The other build's `bin` directory (downloaded once into a cache) and its version; a failed
-/// download fails the test loudly.
-async fn target_build() -> (PathBuf, &'static str) {
-    let installed = PgBinaries::locate().unwrap().version().unwrap();
-    let (package, want) = other_build(&installed);
-    let cache = std::env::temp_dir().join("graywire-pg-cache");
-    let bindir = tokio::task::spawn_blocking(move || fetch_debian_server(package, &cache))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| {
-            panic!("fetching postgresql-15={package} from Debian's archive failed: {e}")
-        });
-    (bindir, want)
-}
+use graywire_tests::{
+    config_for, fetch_other_build, pgbench, start_cluster, ProxyOptions, RunningProxy,
+};
 
 fn script(name: &str) -> String {
     format!("{}/../config/rollout/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -115,78 +92,6 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// Starts pgbench (TPC-B-like) through graywire for `seconds`; returns its handle.
-fn pgbench(
-    proxy: &RunningProxy,
-    clients: u32,
-    seconds: u32,
-) -> tokio::task::JoinHandle<std::process::Output> {
-    let bindir = PgBinaries::locate().unwrap();
-    let run = tokio::process::Command::new(bindir.program("pgbench"))
-        .args([
-            "-n",
-            "-T",
-            &seconds.to_string(),
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-        ])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "app",
-            "-p",
-            &proxy.addr.port().to_string(),
-        ])
-        .arg("postgres")
-        .env("PGPASSWORD", "app-pw")
-        .kill_on_drop(true)
-        .output();
-    tokio::spawn(async move { run.await.unwrap() })
-}
-
-async fn pgbench_init(cluster: &LocalCluster) {
-    let out = tokio::process::Command::new(PgBinaries::locate().unwrap().program("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .args(["-p", &cluster.port(0).to_string()])
-        .env("PGPASSWORD", cluster.password())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `number of transactions actually processed` and `failed` from pgbench's report.
-fn pgbench_counts(stdout: &str) -> (u64, u64) {
-    let field = |prefix: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.split(['/', ' ']).next())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    (
-        field("number of transactions actually processed: ").unwrap_or_else(|| panic!("{stdout}")),
-        field("number of failed transactions: ").unwrap_or_else(|| panic!("{stdout}")),
-    )
-}
-
 /// The version each node reports, asked directly (not through graywire).
 async fn direct_versions(cluster: &LocalCluster) -> Vec<String> {
     let mut out = Vec::new();
@@ -204,13 +109,13 @@ async fn direct_versions(cluster: &LocalCluster) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_upgrades_every_node_under_load_without_losing_a_write() {
-    let (bindir, want) = target_build().await;
+    let (bindir, want) = fetch_other_build().await;
     let cluster = start_cluster(3).await;
-    pgbench_init(&cluster).await;
+    pgbench::init(&cluster, 0).await;
     let proxy = RunningProxy::start(&config_for(&cluster, &with_probe())).await;
     probe_warm(&proxy).await;
 
-    let bench = pgbench(&proxy, 8, 40);
+    let bench = pgbench::start(proxy.addr.port(), &["-T", "40", "-c", "8"]);
     let readers = Load::readers(
         &format!(
             "{} options='-c default_transaction_read_only=on'",
@@ -272,17 +177,7 @@ async fn a_rollout_upgrades_every_node_under_load_without_losing_a_write() {
     }
 
     // The application saw nothing but availability.
-    let out = tokio::time::timeout(Duration::from_secs(90), bench)
-        .await
-        .unwrap()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pgbench failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (processed, failed) = pgbench_counts(&stdout);
+    let (processed, failed, stdout) = pgbench::finish(bench, Duration::from_secs(90)).await;
     assert_eq!(failed, 0, "{stdout}");
     assert!(
         rollout_took < Duration::from_secs(37),
@@ -431,7 +326,7 @@ async fn a_failing_gate_stops_the_rollout_with_the_node_drained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_are_drained_and_undrained_together_and_never_route_to_a_drained_node() {
-    let (bindir, want) = target_build().await;
+    let (bindir, want) = fetch_other_build().await;
     let cluster = start_cluster(2).await;
     let ports = [cluster.port(0) as i64, cluster.port(1) as i64];
     let a = RunningProxy::start(&config_for(&cluster, &with_probe())).await;

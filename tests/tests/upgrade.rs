@@ -6,17 +6,10 @@
 
 use std::time::Duration;
 
-use graywire::localcluster::{fetch_debian_server, StopMode};
-use graywire_tests::{cluster_op, config_for, connect, start_cluster, ProxyOptions, RunningProxy};
-
-/// The Debian package version of the other build, from the installed server's version.
-fn other_build(installed: &str) -> (&'static str, &'static str) {
-    if installed.starts_with("15.20") {
-        ("15.18-0+deb12u1", "15.18")
-    } else {
-        ("15.20-0+deb12u1", "15.20")
-    }
-}
+use graywire::localcluster::StopMode;
+use graywire_tests::{
+    cluster_op, config_for, connect, fetch_other_build, start_cluster, ProxyOptions, RunningProxy,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads() {
@@ -24,15 +17,7 @@ async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads()
         .unwrap()
         .version()
         .unwrap();
-    let (package, want) = other_build(&installed);
-    let cache = std::env::temp_dir().join("graywire-pg-cache");
-    let bindir = tokio::task::spawn_blocking(move || fetch_debian_server(package, &cache))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| {
-            panic!("fetching postgresql-15={package} from Debian's archive failed: {e}")
-        });
-
+    let (bindir, want) = fetch_other_build().await;
     let cluster = std::sync::Arc::new(std::sync::Mutex::new(start_cluster(2).await));
     let config = config_for(&cluster.lock().unwrap(), &ProxyOptions::default());
     let proxy = RunningProxy::start(&config).await;

@@ -155,6 +155,18 @@ impl AppLoad {
         let ro = format!("{dsn} options='-c default_transaction_read_only=on'");
         for _ in 0..2 {
             let client = connect(&ro).await?;
+            // The table was just created on the primary: wait until this session's standby
+            // has replayed it (bounded), so replication catching up is not counted as an error.
+            for _ in 0..100 {
+                if client
+                    .query_one("SELECT count(*) FROM demo_load", &[])
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let stop = stop.clone();
             readers.push(tokio::spawn(async move {
                 let mut t = Tally::default();
