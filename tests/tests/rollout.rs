@@ -403,6 +403,52 @@ async fn two_instances_are_drained_and_undrained_together_and_never_route_to_a_d
             );
         }
     }
+
+    // Run again: every node is on the target version, so nothing is touched, and the finalize
+    // command runs only without --preserve-downgrade, on the primary of that time.
+    let marker = tempfile::tempdir().unwrap();
+    let file = marker.path().join("finalized");
+    let again = |extra: &[&str]| {
+        let mut f = cluster_flags(&cluster, &[&a, &b]);
+        f.extend(
+            [
+                "--upgrade-cmd",
+                "exit 1",
+                "--expect-version",
+                want,
+                "--settle",
+                "1s",
+                "--finalize-cmd",
+                &format!("echo {{node}} >> {}", file.display()),
+            ]
+            .map(String::from),
+        );
+        f.extend(extra.iter().map(|s| s.to_string()));
+        f
+    };
+    let (code, report) = rollout(again(&["--preserve-downgrade"])).await;
+    let report = report.unwrap();
+    assert_eq!(code, 0, "{}", report.human());
+    assert!(report
+        .nodes
+        .iter()
+        .all(|n| n.outcome.starts_with("skipped: already on")));
+    assert!(
+        report.finalize.contains("--preserve-downgrade"),
+        "{}",
+        report.finalize
+    );
+    assert!(!file.exists());
+    let (code, report) = rollout(again(&[])).await;
+    let report = report.unwrap();
+    assert_eq!(code, 0, "{}", report.human());
+    let primary = a.admin_get("/v1/nodes").await.1;
+    let primary: serde_json::Value = serde_json::from_str(&primary).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().trim(),
+        primary["primary"].as_str().unwrap()
+    );
+    assert!(report.finalize.starts_with("ran on"), "{}", report.finalize);
     a.shutdown().await;
     b.shutdown().await;
 }
