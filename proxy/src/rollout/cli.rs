@@ -211,6 +211,12 @@ pub fn spec(args: &RolloutArgs) -> Result<RolloutSpec, Vec<String>> {
             }
         }
     }
+    if args.drain_timeout > std::time::Duration::from_secs(3600) {
+        problems.push("--drain-timeout may be at most 1h (what a drain call waits at most)".into());
+    }
+    if args.settle > graywire_probe::gate::MAX_WINDOW {
+        problems.push("--settle may be at most 24h (the longest gate window)".into());
+    }
     if args.settle.is_zero() {
         problems.push("--settle must be longer than zero".into());
     }
@@ -311,6 +317,10 @@ mod tests {
             "sw {nope}",
             "--expect-version",
             " ",
+            "--drain-timeout",
+            "2h",
+            "--settle",
+            "25h",
         ]))
         .unwrap();
         let problems = spec(&args).unwrap_err().join("\n");
@@ -323,6 +333,8 @@ mod tests {
             "--max-gaps: max_gaps=\"-1\" is not a whole number",
             "--switchover-cmd: unknown placeholder {nope}",
             "--expect-version is empty",
+            "--drain-timeout may be at most 1h",
+            "--settle may be at most 24h",
         ] {
             assert!(problems.contains(want), "missing {want:?} in:\n{problems}");
         }

@@ -11,6 +11,7 @@ use super::plan::{self, Action, Plan, PlanItem};
 use super::progress::Progress;
 use super::report::{Availability, NodeReport, Report, StepRecord};
 use super::{version_matches, Failure, RolloutSpec, Step};
+use graywire_probe::gate::MAX_WINDOW;
 
 /// How often the instances are asked how a node is doing.
 const POLL: Duration = Duration::from_millis(250);
@@ -633,7 +634,7 @@ impl Runner<'_> {
         let deadline = Instant::now() + self.spec.gate_timeout;
         loop {
             let mut q = self.spec.gate.clone();
-            q.window = step_start.elapsed().max(self.spec.settle);
+            q.window = gate_window(step_start.elapsed(), self.spec.settle);
             let last = match self.fleet.gate(&q.to_query()).await {
                 Ok(a) if a.pass => return Ok(()),
                 Ok(a) if a.final_failure => {
@@ -710,7 +711,7 @@ impl Runner<'_> {
             Err(e) => problems.push(e),
         }
         let mut q = self.spec.gate.clone();
-        q.window = self.started.elapsed().max(self.spec.settle);
+        q.window = gate_window(self.started.elapsed(), self.spec.settle);
         match self.fleet.gate(&q.to_query()).await {
             Ok(a) if a.pass => {}
             Ok(a) => problems.push(format!(
@@ -813,6 +814,13 @@ impl Runner<'_> {
             ))
         }
     }
+}
+
+/// A gate window covering `elapsed`, at least `settle`, at most what the gate accepts; whole
+/// milliseconds, as the query carries them.
+fn gate_window(elapsed: Duration, settle: Duration) -> Duration {
+    let ms = elapsed.max(settle).as_millis().min(MAX_WINDOW.as_millis());
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// The placeholders' values also as environment variables (`GRAYWIRE_NODE`, …), for scripts
