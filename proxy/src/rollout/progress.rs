@@ -153,12 +153,14 @@ fn status_line(l: &NodeLine, live: Option<(f64, f64)>) -> String {
     let live = live
         .map(|(stall, rate)| format!(" · stall {stall:.2}s · {rate:.1} writes/s"))
         .unwrap_or_default();
-    format!(
-        "{:<10} {:<26} {:>7.1}s{live}",
-        l.name,
-        l.step,
-        l.since.elapsed().as_secs_f64()
-    )
+    // A finished node's clock stops.
+    let finished = l.step == "done" || l.step.starts_with("skipped");
+    let elapsed = if finished {
+        String::new()
+    } else {
+        format!("{:>7.1}s", l.since.elapsed().as_secs_f64())
+    };
+    format!("{:<10} {:<26} {elapsed}{live}", l.name, l.step)
 }
 
 fn clear(err: &mut impl std::io::Write, lines: usize) {
