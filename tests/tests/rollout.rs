@@ -63,6 +63,33 @@ fn cluster_flags(cluster: &LocalCluster, proxies: &[&RunningProxy]) -> Vec<Strin
     flags
 }
 
+/// The flags of a real upgrade onto `bindir` (reporting `want`) with the `config/rollout`
+/// scripts, a 2 s settle window and a minute for each node to come back.
+fn upgrade_flags(
+    cluster: &LocalCluster,
+    proxies: &[&RunningProxy],
+    bindir: &std::path::Path,
+    want: &str,
+) -> Vec<String> {
+    let mut flags = cluster_flags(cluster, proxies);
+    flags.extend(
+        [
+            "--upgrade-cmd",
+            &upgrade_cmd(bindir),
+            "--switchover-cmd",
+            &switchover_cmd(),
+            "--expect-version",
+            want,
+            "--settle",
+            "2s",
+            "--ready-timeout",
+            "60s",
+        ]
+        .map(String::from),
+    );
+    flags
+}
+
 /// Runs the rollout with `flags`; returns the exit code and the report.
 async fn rollout(flags: Vec<String>) -> (u8, Option<Report>) {
     let args = cli::parse(flags).unwrap();
@@ -126,23 +153,13 @@ async fn a_rollout_upgrades_every_node_under_load_without_losing_a_write() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut flags = cluster_flags(&cluster, &[&proxy]);
+    let mut flags = upgrade_flags(&cluster, &[&proxy], &bindir, want);
     flags.extend(
         [
-            "--upgrade-cmd",
-            &upgrade_cmd(&bindir),
-            "--switchover-cmd",
-            &switchover_cmd(),
-            "--expect-version",
-            want,
-            "--settle",
-            "2s",
             "--max-stall",
             "5s",
             "--max-gaps",
             "0",
-            "--ready-timeout",
-            "60s",
             "--gate-timeout",
             "30s",
         ]
@@ -345,22 +362,7 @@ async fn two_instances_are_drained_and_undrained_together_and_never_route_to_a_d
     let readers_a = Load::readers(&format!("{} {ro}", a.dsn("app")), 2).await;
     let readers_b = Load::readers(&format!("{} {ro}", b.dsn("app")), 2).await;
 
-    let mut flags = cluster_flags(&cluster, &[&a, &b]);
-    flags.extend(
-        [
-            "--upgrade-cmd",
-            &upgrade_cmd(&bindir),
-            "--switchover-cmd",
-            &switchover_cmd(),
-            "--expect-version",
-            want,
-            "--settle",
-            "2s",
-            "--ready-timeout",
-            "60s",
-        ]
-        .map(String::from),
-    );
+    let flags = upgrade_flags(&cluster, &[&a, &b], &bindir, want);
     let (code, report) = rollout(flags).await;
     let report = report.unwrap();
     assert_eq!(code, 0, "{}", report.human());
