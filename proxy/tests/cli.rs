@@ -516,4 +516,6 @@ fn demo_rolling_upgrade_moves_every_node_and_reports_no_loss() {
     );
     // Progress went to stderr, a line per step.
     assert!(stderr.contains("switchover to"), "{stderr}");
+    // The report, for the log (nextest shows it for this test: .config/nextest.toml).
+    println!("{stdout}");
 }

@@ -170,7 +170,6 @@ async fn a_rollout_upgrades_every_node_under_load_without_losing_a_write() {
     let rollout_took = started.elapsed();
     let report = report.expect("the rollout started");
     assert_eq!(code, 0, "{}", report.human());
-    println!("{}", report.human());
 
     // Every node runs the new build and was stepped through in order, the primary last.
     let order: Vec<&str> = report.nodes.iter().map(|n| n.name.as_str()).collect();
