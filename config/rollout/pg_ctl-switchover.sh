@@ -56,7 +56,8 @@ sql() {
         -h "$(pid_line "$1" 5)" -p "$(pid_line "$1" 4)" -d postgres -c "$2"
 }
 # The conninfo $1 with host and port replaced and application_name dropped (the walreceiver
-# then uses cluster_name).
+# then uses cluster_name). Handles keywords written as plain words, as `pg_basebackup -R`
+# writes them (host=… port=…), not quoted values that contain spaces.
 repoint() {
     printf '%s\n' "$1" | sed -E \
         -e "s/(^| )host=[^ ]*/\1host=$new_host/" \
