@@ -303,6 +303,17 @@ mod tests {
         )
     }
 
+    /// A node as the gate sees it: name, up, drained, lag, standby.
+    fn figure(name: &str, up: bool, drained: bool, lag: Option<f64>, standby: bool) -> NodeFigure {
+        NodeFigure {
+            name: name.into(),
+            up,
+            drained,
+            lag_seconds: lag,
+            is_standby: standby,
+        }
+    }
+
     #[test]
     fn queries_parse_and_refuse_bad_values_with_the_parameter() {
         let q = GateQuery::parse("window=10s&max_stall=1s&max_gaps=0&max_p99=250ms&max_lag=2s")
@@ -328,20 +339,8 @@ mod tests {
         let (s, r) = healthy();
         let q = GateQuery::parse("max_stall=1s&max_gaps=0&max_p99=250ms&max_lag=1s").expect("q");
         let nodes = [
-            NodeFigure {
-                name: "pg1".into(),
-                up: true,
-                drained: false,
-                lag_seconds: None,
-                is_standby: false,
-            },
-            NodeFigure {
-                name: "pg2".into(),
-                up: true,
-                drained: false,
-                lag_seconds: Some(0.2),
-                is_standby: true,
-            },
+            figure("pg1", true, false, None, false),
+            figure("pg2", true, false, Some(0.2), true),
         ];
         let v = evaluate(&q, &s, &r, Some(&nodes));
         assert!(v.pass, "{:?}", v.reasons());
@@ -391,20 +390,8 @@ mod tests {
     fn a_drained_node_that_is_up_passes_and_is_named() {
         let (s, r) = healthy();
         let nodes = [
-            NodeFigure {
-                name: "pg1".into(),
-                up: true,
-                drained: false,
-                lag_seconds: None,
-                is_standby: false,
-            },
-            NodeFigure {
-                name: "pg2".into(),
-                up: true,
-                drained: true,
-                lag_seconds: Some(0.0),
-                is_standby: true,
-            },
+            figure("pg1", true, false, None, false),
+            figure("pg2", true, true, Some(0.0), true),
         ];
         let v = evaluate(&GateQuery::default(), &s, &r, Some(&nodes));
         assert!(v.pass, "{:?}", v.reasons());
@@ -421,20 +408,8 @@ mod tests {
         let (s, r) = healthy();
         let q = GateQuery::parse("max_lag=1s").expect("q");
         let nodes = [
-            NodeFigure {
-                name: "pg2".into(),
-                up: false,
-                drained: false,
-                lag_seconds: Some(4.0),
-                is_standby: true,
-            },
-            NodeFigure {
-                name: "pg3".into(),
-                up: true,
-                drained: false,
-                lag_seconds: None,
-                is_standby: true,
-            },
+            figure("pg2", false, false, Some(4.0), true),
+            figure("pg3", true, false, None, true),
         ];
         let v = evaluate(&q, &s, &r, Some(&nodes));
         let reasons = v.reasons().join("\n");
