@@ -35,6 +35,9 @@ pub struct BackendConn {
     pub status: TxStatus,
     /// Bytes read from the node after its first ReadyForQuery (normally none).
     pub leftover: BytesMut,
+    /// `DISCARD ALL` was sent when the last session on this connection ended; its reply is
+    /// still to be read (by the next session's set-up, so the reset costs nobody a wait).
+    pub reset_sent: bool,
 }
 
 impl BackendConn {
@@ -215,6 +218,7 @@ async fn connect_inner(
                     greeting: greeting.freeze(),
                     status,
                     leftover: std::mem::take(&mut buf),
+                    reset_sent: false,
                 });
             }
             Message::ErrorResponse(body) => {

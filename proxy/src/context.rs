@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, NodeConfig};
 use crate::load::NodeLoads;
+use crate::metrics::SessionMetrics;
 use crate::pool::Pools;
 use crate::protocol::scram::ClientKeyCache;
 use crate::shutdown::Shutdown;
@@ -33,6 +34,8 @@ pub struct Context {
     /// The health checker of each configured node.
     pub checkers: Mutex<HashMap<NodeName, (NodeConfig, JoinHandle<()>)>>,
     sessions: AtomicUsize,
+    /// Made at the first session, after the metrics recorder was installed.
+    session_metrics: OnceLock<SessionMetrics>,
 }
 
 impl Context {
@@ -50,6 +53,7 @@ impl Context {
             pools: Pools::default(),
             next_session_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
+            session_metrics: OnceLock::new(),
         }
     }
 
@@ -61,13 +65,18 @@ impl Context {
             self.sessions.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics::gauge!(crate::metrics::SESSIONS).increment(1.0);
+        self.session_metrics().sessions.increment(1.0);
         Some(SessionSlot { ctx: self.clone() })
     }
 
     /// A number no other session of this process has.
     pub fn new_session_id(&self) -> u64 {
         self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The handles of the metrics every session records.
+    pub fn session_metrics(&self) -> &SessionMetrics {
+        self.session_metrics.get_or_init(SessionMetrics::new)
     }
 
     pub fn open_sessions(&self) -> usize {
@@ -83,6 +92,6 @@ pub struct SessionSlot {
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.ctx.sessions.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(crate::metrics::SESSIONS).decrement(1.0);
+        self.ctx.session_metrics().sessions.decrement(1.0);
     }
 }

@@ -20,7 +20,10 @@ pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener) {
                         debug!(%peer, error = %e, "client hung up before it was served");
                         continue;
                     }
-                    ctx.shutdown.sessions.spawn(session::serve(ctx.clone(), stream, peer));
+                    // Boxed: the task then holds a pointer, not the whole session future
+                    // (kilobytes), which spawning and finishing the task would copy.
+                    let session = Box::pin(session::serve(ctx.clone(), stream, peer));
+                    ctx.shutdown.sessions.spawn(session);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.

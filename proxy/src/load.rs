@@ -13,22 +13,38 @@ use crate::metrics as m;
 use crate::topology::NodeName;
 
 /// One node's live counts, and the signal that ends the transactions still on it.
-#[derive(Debug)]
 pub struct NodeLoad {
     sessions: AtomicI64,
     backend_connections: AtomicI64,
     pinned: AtomicI64,
     evict: watch::Sender<u64>,
+    /// The same counts as gauges, looked up once per node rather than per session.
+    sessions_gauge: metrics::Gauge,
+    connections_gauge: metrics::Gauge,
+    pinned_gauge: metrics::Gauge,
 }
 
-impl Default for NodeLoad {
-    fn default() -> Self {
+impl NodeLoad {
+    fn new(node: &NodeName) -> Self {
         NodeLoad {
             sessions: AtomicI64::new(0),
             backend_connections: AtomicI64::new(0),
             pinned: AtomicI64::new(0),
             evict: watch::channel(0).0,
+            sessions_gauge: metrics::gauge!(m::NODE_SESSIONS, "node" => node.to_string()),
+            connections_gauge: metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => node.to_string()),
+            pinned_gauge: metrics::gauge!(m::PINNED_SESSIONS, "node" => node.to_string()),
         }
+    }
+}
+
+impl std::fmt::Debug for NodeLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLoad")
+            .field("sessions", &self.sessions)
+            .field("backend_connections", &self.backend_connections)
+            .field("pinned", &self.pinned)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,7 +74,10 @@ impl NodeLoads {
         if let Some(l) = self.nodes.get(node) {
             return l.clone();
         }
-        self.nodes.entry(node.clone()).or_default().clone()
+        self.nodes
+            .entry(node.clone())
+            .or_insert_with(|| Arc::new(NodeLoad::new(node)))
+            .clone()
     }
 
     pub fn figures(&self, node: &NodeName) -> LoadFigures {
@@ -81,7 +100,7 @@ impl NodeLoads {
     pub fn bind(&self, node: &NodeName) -> Binding {
         let load = self.entry(node);
         load.sessions.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!(m::NODE_SESSIONS, "node" => node.to_string()).increment(1.0);
+        load.sessions_gauge.increment(1.0);
         let mut evictions = load.evict.subscribe();
         evictions.mark_unchanged();
         Binding {
@@ -96,25 +115,21 @@ impl NodeLoads {
     pub fn connection(&self, node: &NodeName) -> ConnectionGuard {
         let load = self.entry(node);
         load.backend_connections.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => node.to_string()).increment(1.0);
-        ConnectionGuard {
-            node: node.clone(),
-            load,
-        }
+        load.connections_gauge.increment(1.0);
+        ConnectionGuard { load }
     }
 }
 
 /// One open backend connection, counted against its node.
 #[derive(Debug)]
 pub struct ConnectionGuard {
-    node: NodeName,
     load: Arc<NodeLoad>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.load.backend_connections.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(m::BACKEND_CONNECTIONS, "node" => self.node.to_string()).decrement(1.0);
+        self.load.connections_gauge.decrement(1.0);
     }
 }
 
@@ -141,7 +156,7 @@ impl Binding {
         self.pinned = pinned;
         let d = if pinned { 1 } else { -1 };
         self.load.pinned.fetch_add(d, Ordering::AcqRel);
-        metrics::gauge!(m::PINNED_SESSIONS, "node" => self.node.to_string()).increment(d as f64);
+        self.load.pinned_gauge.increment(d as f64);
     }
 
     pub fn is_pinned(&self) -> bool {
@@ -153,7 +168,7 @@ impl Drop for Binding {
     fn drop(&mut self) {
         self.set_pinned(false);
         self.load.sessions.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(m::NODE_SESSIONS, "node" => self.node.to_string()).decrement(1.0);
+        self.load.sessions_gauge.decrement(1.0);
     }
 }
 

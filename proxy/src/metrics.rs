@@ -212,6 +212,58 @@ pub fn register_zeroes() {
     }
 }
 
+/// Outcomes of a client connection, the values of `result` on [`CLIENT_CONNECTIONS_TOTAL`].
+pub const CONNECTION_RESULTS: [&str; 8] = [
+    "session",
+    "cancel",
+    "refused_limit",
+    "auth_failed",
+    "protocol_error",
+    "backend_error",
+    "closed",
+    "shutdown",
+];
+
+/// Handles of the metrics every session records, looked up once: resolving a metric by name
+/// and labels hashes them and takes the registry's lock, which a short session (connection
+/// churn) would otherwise do several times.
+#[derive(Clone)]
+pub struct SessionMetrics {
+    pub sessions: metrics::Gauge,
+    pub query_duration: metrics::Histogram,
+    pub bytes_up: metrics::Counter,
+    pub bytes_down: metrics::Counter,
+    connections: [metrics::Counter; CONNECTION_RESULTS.len()],
+}
+
+impl SessionMetrics {
+    /// Registers the handles with the recorder installed now (make them after [`install`]).
+    pub fn new() -> Self {
+        SessionMetrics {
+            sessions: metrics::gauge!(SESSIONS),
+            query_duration: metrics::histogram!(QUERY_DURATION_SECONDS),
+            bytes_up: metrics::counter!(RELAYED_BYTES_TOTAL, "direction" => "client_to_node"),
+            bytes_down: metrics::counter!(RELAYED_BYTES_TOTAL, "direction" => "node_to_client"),
+            connections: CONNECTION_RESULTS
+                .map(|result| metrics::counter!(CLIENT_CONNECTIONS_TOTAL, "result" => result)),
+        }
+    }
+
+    /// Counts a client connection that ended with `result` (one of [`CONNECTION_RESULTS`]).
+    pub fn connection_ended(&self, result: &'static str) {
+        match CONNECTION_RESULTS.iter().position(|r| *r == result) {
+            Some(i) => self.connections[i].increment(1),
+            None => metrics::counter!(CLIENT_CONNECTIONS_TOTAL, "result" => result).increment(1),
+        }
+    }
+}
+
+impl Default for SessionMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Histogram samples wait in the recorder until upkeep folds them in; without a scrape they

@@ -29,8 +29,8 @@ use crate::topology::{NodeName, Snapshot};
 pub struct PoolKey {
     pub node: NodeName,
     pub user: String,
-    /// The startup parameters sent to the node, in order.
-    pub params: Vec<(String, String)>,
+    /// The startup parameters sent to the node, in order (shared with the session).
+    pub params: Arc<[(String, String)]>,
     /// Transaction-mode pools limit their connections; session-mode ones only keep idle
     /// connections of ended sessions for the next one (up to `size`).
     pub transaction_mode: bool,

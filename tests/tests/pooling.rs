@@ -269,3 +269,52 @@ async fn session_mode_reuses_a_left_connection_with_nothing_of_its_last_session(
     assert!(row.get::<_, bool>(4), "the temporary table is gone");
     proxy.shutdown().await;
 }
+
+/// The next session on a left connection is greeted with the parameters a fresh connection
+/// would report, not those the last session set (its reset went out when it left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_session_on_a_left_connection_is_greeted_with_fresh_parameters() {
+    use graywire_tests::raw::{message, RawClient};
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::in_front_of(&cluster).await;
+    let mut a = RawClient::connect_trust(proxy.addr, "trusted", &[])
+        .await
+        .unwrap();
+    let fresh_datestyle = a.parameters.get("DateStyle").cloned().unwrap();
+    let r = a
+        .query(
+            "SET application_name = 'left'; SET DateStyle = 'German, DMY'; SELECT pg_backend_pid()",
+        )
+        .await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let first_pid = r.rows[0][0].clone().unwrap();
+    assert_eq!(a.parameters.get("application_name").unwrap(), "left");
+    a.send(&message(b'X', &[])).await;
+    drop(a);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut b = loop {
+        let mut b = RawClient::connect_trust(proxy.addr, "trusted", &[])
+            .await
+            .unwrap();
+        let pid = b.query("SELECT pg_backend_pid()").await.rows[0][0].clone();
+        if pid.as_deref() == Some(first_pid.as_str()) {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection was not reused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(b.parameters.get("application_name").unwrap(), "");
+    assert_eq!(b.parameters.get("DateStyle").unwrap(), &fresh_datestyle);
+    let r = b
+        .query("SELECT current_setting('application_name'), current_setting('DateStyle')")
+        .await;
+    assert_eq!(
+        r.rows[0],
+        vec![Some(String::new()), Some(fresh_datestyle.clone())]
+    );
+    proxy.shutdown().await;
+}

@@ -64,7 +64,14 @@ fn put_message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
 
 fn put_cstr(out: &mut BytesMut, s: &str) {
     // A NUL inside a value would end it early on the client's side; PostgreSQL never sends one.
-    out.put_slice(s.replace('\0', "").as_bytes());
+    let bytes = s.as_bytes();
+    if bytes.contains(&0) {
+        for part in bytes.split(|&b| b == 0) {
+            out.put_slice(part);
+        }
+    } else {
+        out.put_slice(bytes);
+    }
     out.put_u8(0);
 }
 
@@ -253,5 +260,16 @@ mod tests {
         let mut b = &out[5..];
         assert_eq!(b.get_u32(), 7);
         assert_eq!(b.get_u32(), 9);
+    }
+
+    #[test]
+    fn a_nul_inside_a_string_is_dropped_not_ending_it_early() {
+        let mut out = BytesMut::new();
+        parameter_status(&mut out, "app\0name", "\0a\0\0b\0");
+        let Message::ParameterStatus(ps) = parse(out) else {
+            panic!("not ParameterStatus")
+        };
+        assert_eq!(ps.name().expect("name"), "appname");
+        assert_eq!(ps.value().expect("value"), "ab");
     }
 }

@@ -14,7 +14,7 @@ use crate::error::RequestError;
 use crate::protocol::message::{self, TxStatus};
 use crate::topology::NodeName;
 
-use super::relay::Tracker;
+use super::tracker::Tracker;
 
 /// What graywire sends for the lost requests.
 #[derive(Debug)]

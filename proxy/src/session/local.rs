@@ -17,7 +17,8 @@ use crate::protocol::frame::{check_frontend_header, read_cstr, HEADER_LEN};
 use crate::protocol::message::{self, TxStatus};
 use crate::protocol::sqltext::{leading_command, Command};
 
-use super::relay::{Pipe, Statement, Tracker};
+use super::relay::Pipe;
+use super::tracker::{Statement, Tracker};
 
 /// How to answer the one request.
 #[derive(Debug)]

@@ -8,14 +8,14 @@
 //! connection, opened with the client's startup parameters, gets the settings and statements
 //! replayed in one round trip ([`replay_request`]) before the client's next request reaches it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
 
 use crate::protocol::sqltext::quote_literal;
 
-use super::relay::Statement;
+use super::tracker::Statements;
 
 /// State that cannot move, as reported by the capture query.
 pub const PIN_STATES: [&str; 5] = [
@@ -81,10 +81,7 @@ impl Captured {
 /// The messages that rebuild a session on a fresh backend connection, and how many
 /// ReadyForQuery answer them: one `set_config` query for all settings, then each statement's
 /// Parse with its own Sync, so one that no longer parses does not stop the others.
-pub fn replay_request(
-    settings: &[(String, String)],
-    statements: &HashMap<String, Statement>,
-) -> (BytesMut, usize) {
+pub fn replay_request(settings: &[(String, String)], statements: &Statements) -> (BytesMut, usize) {
     let mut out = BytesMut::new();
     let mut ready = 0;
     if !settings.is_empty() {
@@ -140,12 +137,12 @@ mod tests {
 
     #[test]
     fn replay_sets_everything_in_one_round_trip() {
-        let mut statements = HashMap::new();
+        let mut statements = Statements::default();
         let mut parse = BytesMut::new();
         frontend::parse("s0", "SELECT 1", [], &mut parse).expect("parse");
         statements.insert(
             "s0".to_owned(),
-            Statement {
+            crate::session::tracker::Statement {
                 parse: Bytes::from(parse.to_vec()),
                 command: Command::Other,
             },
@@ -161,6 +158,6 @@ mod tests {
         assert_eq!(out[0], b'Q');
         assert!(text.contains("SELECT 1"));
         assert_eq!(&out[out.len() - 5..], b"S\0\0\0\x04");
-        assert_eq!(replay_request(&[], &HashMap::new()).1, 0);
+        assert_eq!(replay_request(&[], &Statements::default()).1, 0);
     }
 }

@@ -32,7 +32,9 @@ mod failover;
 mod local;
 mod migrate;
 mod relay;
+mod signals;
 mod startup;
+mod tracker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +44,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{debug, field, info, info_span, warn, Instrument, Span};
+use tracing::{debug, info, info_span, warn, Span};
 
 use crate::backend::{self, BackendConn};
 use crate::cancel::{CancelHandle, CancelOutcome};
@@ -60,8 +62,10 @@ use crate::topology::{AdminState, Health, NodeName, Snapshot};
 
 use local::Answer;
 use migrate::Captured;
-pub use relay::{BoundaryWatch, Pipes, RelayEnd, Tracker};
+pub use relay::{Pipes, RelayEnd};
+pub use signals::BoundaryWatch;
 use startup::Opening;
+pub use tracker::Tracker;
 
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a pinned session on a node it should leave looks whether it may move now.
@@ -72,16 +76,20 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Serves one client connection until it closes. Never panics on client input; every failure
 /// ends only this session.
 ///
-/// The session's span (peer, user, node) is entered while the session starts and ends and for
-/// its log lines, not around the relay: entering a span on every poll would cost each round
-/// trip two registry look-ups.
+/// Log lines of the session carry its span (peer, user, node), made only when a line is
+/// logged: making one per session, or entering it on every poll, would cost each short
+/// session (connection churn) several registry look-ups and formatted fields.
 pub async fn serve(ctx: Arc<Context>, mut client: TcpStream, peer: SocketAddr) {
-    let span = info_span!("session", %peer, user = field::Empty, node = field::Empty);
-    let result = run(&ctx, &mut client, &span).await;
+    let mut who = SessionLabel {
+        peer,
+        user: None,
+        node: None,
+    };
+    let result = run(&ctx, &mut client, &mut who).await;
     let label: &'static str = match &result {
         Ok(label) => label,
         Err(e) => {
-            span.in_scope(|| {
+            who.span().in_scope(|| {
                 if e.is_routine() {
                     debug!(error = %e, "session ended");
                 } else {
@@ -100,7 +108,7 @@ pub async fn serve(ctx: Arc<Context>, mut client: TcpStream, peer: SocketAddr) {
             outcome_label(e)
         }
     };
-    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL, "result" => label).increment(1);
+    ctx.session_metrics().connection_ended(label);
     let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
 }
 
@@ -118,16 +126,35 @@ fn outcome_label(e: &SessionError) -> &'static str {
     }
 }
 
+/// Who a session is, for its log lines.
+struct SessionLabel {
+    peer: SocketAddr,
+    user: Option<String>,
+    node: Option<NodeName>,
+}
+
+impl SessionLabel {
+    /// The span to log a line of this session under (made on the spot: lines are rare).
+    fn span(&self) -> Span {
+        info_span!(
+            "session",
+            peer = %self.peer,
+            user = self.user.as_deref().unwrap_or(""),
+            node = self.node.as_ref().map(NodeName::as_str).unwrap_or(""),
+        )
+    }
+}
+
 /// Runs the state machine; `Ok` carries the metric label of a normal end.
 async fn run(
     ctx: &Arc<Context>,
     client: &mut TcpStream,
-    span: &Span,
+    who: &mut SessionLabel,
 ) -> Result<&'static str, SessionError> {
     let config = ctx.config.load_full();
     let opened = tokio::time::timeout(
         config.listener.auth_timeout,
-        open_and_authenticate(ctx, client, &config).instrument(span.clone()),
+        open_and_authenticate(ctx, client, &config, who),
     )
     .await
     .map_err(|_| SessionError::AuthTimeout)??;
@@ -138,7 +165,7 @@ async fn run(
     let mut changes = ctx.topology.subscribe();
     changes.mark_unchanged();
     let creds = config.backend_credentials(user);
-    let backend_params: Vec<(String, String)> = backend::startup_params(&params.params, creds)
+    let backend_params: Arc<[(String, String)]> = backend::startup_params(&params.params, creds)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
@@ -146,7 +173,7 @@ async fn run(
         ctx,
         config: config.clone(),
         client,
-        span,
+        who,
         user: user.clone(),
         params,
         backend_params,
@@ -154,7 +181,12 @@ async fn run(
         mode: config.pool_mode_of(user),
         id: ctx.new_session_id(),
         cancel: ctx.cancels.register(),
-        tracker: Tracker::new(Vec::new(), TxStatus::Idle, config.listener.max_message_size),
+        tracker: Tracker::new(
+            Vec::new(),
+            TxStatus::Idle,
+            config.listener.max_message_size,
+            ctx.session_metrics(),
+        ),
         pipes: Pipes::default(),
         attached: None,
         pools: Vec::new(),
@@ -163,7 +195,7 @@ async fn run(
         recheck_at: None,
         unreported_rollback: None,
     };
-    session.start().instrument(span.clone()).await?;
+    session.start().await?;
     let result = session.serve().await;
     session.tracker.publish_bytes();
     result
@@ -195,11 +227,11 @@ struct Session<'a> {
     ctx: &'a Arc<Context>,
     config: Arc<Config>,
     client: &'a mut TcpStream,
-    span: &'a Span,
+    who: &'a mut SessionLabel,
     user: UserConfig,
     params: StartupParams,
     /// The startup parameters as sent to nodes (pools are keyed by them).
-    backend_params: Vec<(String, String)>,
+    backend_params: Arc<[(String, String)]>,
     target: Target,
     mode: PoolMode,
     /// This session's number (a pooled connection remembers the last session that used it).
@@ -303,7 +335,7 @@ impl Session<'_> {
                 // A pooled connection left clean at a boundary goes back; otherwise it closes.
                 let pooled = self.attached.as_ref().is_some_and(|a| a.slot.is_some());
                 if pooled && self.tracker.at_boundary() {
-                    self.release().await;
+                    self.release(true).await;
                 } else {
                     self.close_backend().await;
                 }
@@ -355,7 +387,7 @@ impl Session<'_> {
                 self.recheck_at = None;
             }
         } else if pooled {
-            self.release().await;
+            self.release(false).await;
         }
         if snapshot.paused && !self.pipes.up.buf.is_empty() {
             // Paused: the client's next transaction waits here, its connection untouched.
@@ -409,7 +441,7 @@ impl Session<'_> {
                         .map_err(SessionError::ClientGone)?;
                 }
                 if let Some((code, msg)) = x.errors.first() {
-                    warn!(parent: self.span, sqlstate = %code, error = %msg, "could not read the session's state; it stays where it is");
+                    warn!(parent: &self.who.span(), sqlstate = %code, error = %msg, "could not read the session's state; it stays where it is");
                     return Ok(None);
                 }
                 let mut captured = Captured::from_rows(&x.rows);
@@ -436,9 +468,9 @@ impl Session<'_> {
         pins: Vec<String>,
         migrating: bool,
     ) {
-        let span = self.span;
         let reason = leave_reason(snapshot, node);
         if !pins.is_empty() {
+            let who = &*self.who;
             let Some(a) = self.attached.as_mut() else {
                 return;
             };
@@ -448,7 +480,7 @@ impl Session<'_> {
                         metrics::counter!(m::PINNED_TOTAL, "state" => *state).increment(1);
                     }
                 }
-                info!(parent: span, %node, state = ?pins, "session is pinned: it holds state that cannot move");
+                info!(parent: &who.span(), %node, state = ?pins, "session is pinned: it holds state that cannot move");
             }
             a.binding.set_pinned(true);
             self.recheck_at = Some(tokio::time::Instant::now() + PINNED_RECHECK);
@@ -459,21 +491,23 @@ impl Session<'_> {
             a.binding.set_pinned(false);
         }
         if !migrating {
-            self.release().await;
+            self.release(false).await;
             return;
         }
         metrics::counter!(m::MIGRATIONS_TOTAL, "reason" => reason).increment(1);
-        debug!(parent: self.span, %node, reason, "leaving the node at a transaction boundary");
+        debug!(parent: &self.who.span(), %node, reason, "leaving the node at a transaction boundary");
         if self.attached.as_ref().is_some_and(|a| a.slot.is_some()) {
-            self.release().await;
+            self.release(false).await;
         } else {
             self.close_backend().await;
         }
     }
 
-    /// Transaction mode: gives the connection back to its pool at a boundary (closes it if
-    /// its node is out of rotation).
-    async fn release(&mut self) {
+    /// Gives the connection back to its pool at a boundary (closes it if its node is out of
+    /// rotation). When the session is `ending`, the next session on the connection is another
+    /// one: `DISCARD ALL` goes out now, and that session's set-up reads the reply, so neither
+    /// the ending client nor the next one waits for the reset.
+    async fn release(&mut self, ending: bool) {
         let Some(a) = self.attached.take() else {
             return;
         };
@@ -491,9 +525,14 @@ impl Session<'_> {
             .load()
             .node(&conn.node)
             .is_some_and(|n| n.in_rotation());
+        let clean = in_rotation && self.tracker.at_boundary() && (!ending || send_reset(&mut conn));
         match slot {
-            Some(slot) if in_rotation && self.tracker.at_boundary() => {
-                conn.parameters.clone_from(&self.tracker.parameters);
+            Some(slot) if clean => {
+                if ending {
+                    conn.parameters = std::mem::take(&mut self.tracker.parameters);
+                } else {
+                    conn.parameters.clone_from(&self.tracker.parameters);
+                }
                 conn.leftover = std::mem::take(&mut self.pipes.down.buf);
                 conn.status = TxStatus::Idle;
                 slot.give_back(conn, guard, self.id);
@@ -528,7 +567,7 @@ impl Session<'_> {
         if self.tracker.unanswered > 0 {
             if let Some(target) = self.cancel.target() {
                 if let Err(e) = crate::cancel::send_cancel(&target, CANCEL_TIMEOUT).await {
-                    warn!(parent: self.span, error = %e, "could not cancel the query of an evicted session");
+                    warn!(parent: &self.who.span(), error = %e, "could not cancel the query of an evicted session");
                 }
             }
         }
@@ -548,7 +587,6 @@ impl Session<'_> {
         reason: String,
         node_failed: bool,
     ) -> Result<(), SessionError> {
-        let span = self.span;
         let Some(a) = self.attached.take() else {
             return Ok(());
         };
@@ -558,6 +596,7 @@ impl Session<'_> {
             health::passive_failure(self.ctx, &node, &reason);
         }
         drop(a);
+        let who = &*self.who;
         let t = &mut self.tracker;
         if t.node_said_fatal {
             // The node told the client why itself (e.g. a FATAL error of its own).
@@ -582,18 +621,18 @@ impl Session<'_> {
         let answer = failover::answer_in_flight(t, &node, &reason);
         let mut out = answer.bytes;
         if answer.requests > 0 {
-            warn!(parent: span, %node, %reason, requests = answer.requests, sqlstate = answer.sqlstate, "backend connection lost under a request; answered it and kept the session");
+            warn!(parent: &who.span(), %node, %reason, requests = answer.requests, sqlstate = answer.sqlstate, "backend connection lost under a request; answered it and kept the session");
             metrics::counter!(m::FAILOVERS_TOTAL, "sqlstate" => answer.sqlstate)
                 .increment(answer.requests as u64);
         } else if t.status == TxStatus::InTransaction {
-            debug!(parent: span, %node, %reason, "backend connection lost inside an idle transaction");
+            debug!(parent: &who.span(), %node, %reason, "backend connection lost inside an idle transaction");
             metrics::counter!(m::FAILOVERS_TOTAL, "sqlstate" => "40001").increment(1);
             self.unreported_rollback = Some(RequestError::RolledBack {
                 node: node.clone(),
                 reason: reason.clone(),
             });
         } else {
-            debug!(parent: span, %node, %reason, "backend connection lost between transactions");
+            debug!(parent: &who.span(), %node, %reason, "backend connection lost between transactions");
         }
         let skip = t.open_extended;
         t.reset_backend_side();
@@ -658,7 +697,7 @@ impl Session<'_> {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_node_failure() || is_transient_refusal(&e) => {
                     health::passive_failure(self.ctx, &node.name, &e.to_string());
-                    debug!(parent: self.span, node = %node.name, error = %e, "node could not take the session yet");
+                    debug!(parent: &self.who.span(), node = %node.name, error = %e, "node could not take the session yet");
                     if tokio::time::Instant::now() >= deadline {
                         return Err(RequestError::NoNode(started.elapsed()));
                     }
@@ -802,7 +841,11 @@ impl Session<'_> {
         } = leased;
         let mut request = BytesMut::new();
         let mut ready = 0;
-        if reset {
+        if conn.reset_sent {
+            // The last session's DISCARD ALL: its reply comes first.
+            conn.reset_sent = false;
+            ready += 1;
+        } else if reset {
             message_query(&mut request, "DISCARD ALL");
             ready += 1;
         }
@@ -830,14 +873,14 @@ impl Session<'_> {
                 }
             };
             for (code, msg) in &reply.errors {
-                warn!(parent: self.span, node = %conn.node, sqlstate = %code, error = %msg, "could not set up part of the session's state");
+                warn!(parent: &self.who.span(), node = %conn.node, sqlstate = %code, error = %msg, "could not set up part of the session's state");
             }
             for (k, v) in reply.parameters {
-                relay::set_parameter(&mut conn.parameters, &k, &v);
+                tracker::set_parameter(&mut conn.parameters, &k, &v);
             }
         }
         self.cancel.set_target(Some(conn.cancel_target()));
-        self.span.record("node", conn.node.as_str());
+        self.who.node = Some(conn.node.clone());
         self.tracker.reset_backend_side();
         self.pipes.down.buf = std::mem::take(&mut conn.leftover);
         self.pipes.down.ready = 0;
@@ -862,7 +905,7 @@ impl Session<'_> {
             let known = self.tracker.parameters.iter().find(|(name, _)| name == k);
             if known.is_none_or(|(_, old)| old != v) {
                 message::parameter_status(&mut out, k, v);
-                relay::set_parameter(&mut self.tracker.parameters, k, v);
+                tracker::set_parameter(&mut self.tracker.parameters, k, v);
             }
         }
         self.attached = Some(attached);
@@ -887,7 +930,7 @@ impl Session<'_> {
         if self.tracker.unanswered > 0 {
             if let Some(target) = self.cancel.target() {
                 if let Err(e) = crate::cancel::send_cancel(&target, CANCEL_TIMEOUT).await {
-                    warn!(parent: self.span, error = %e, "could not cancel the query of a closed session");
+                    warn!(parent: &self.who.span(), error = %e, "could not cancel the query of a closed session");
                 }
             }
         }
@@ -908,6 +951,17 @@ impl Session<'_> {
 
 /// A node that is starting up, shutting down or in recovery refuses with class 57; the session
 /// waits for it (or another) rather than failing.
+/// Writes `DISCARD ALL` to an idle connection without waiting: true if it went out whole
+/// (the socket takes it at once unless something is badly wrong, and then the connection is
+/// not worth keeping).
+fn send_reset(conn: &mut BackendConn) -> bool {
+    let mut request = BytesMut::with_capacity(32);
+    message_query(&mut request, "DISCARD ALL");
+    let sent = matches!(conn.stream.try_write(&request), Ok(n) if n == request.len());
+    conn.reset_sent = sent;
+    sent
+}
+
 fn is_transient_refusal(e: &BackendError) -> bool {
     matches!(e, BackendError::Refused { sqlstate, .. } if sqlstate.starts_with("57"))
 }
@@ -922,6 +976,7 @@ async fn open_and_authenticate<'c>(
     ctx: &Arc<Context>,
     client: &mut TcpStream,
     config: &'c Config,
+    who: &mut SessionLabel,
 ) -> Result<Option<(StartupParams, &'c UserConfig, SessionSlot)>, SessionError> {
     let params = match startup::read_opening(client).await? {
         Opening::Cancel(key) => {
@@ -932,7 +987,7 @@ async fn open_and_authenticate<'c>(
                 CancelOutcome::Idle => "idle",
                 CancelOutcome::HeldCancelled => "held_cancelled",
                 CancelOutcome::Failed(reason) => {
-                    warn!(%reason, "could not forward a cancel request");
+                    warn!(parent: &who.span(), %reason, "could not forward a cancel request");
                     "failed"
                 }
             };
@@ -942,7 +997,7 @@ async fn open_and_authenticate<'c>(
         Opening::Session(params) => params,
     };
     let user_name = params.get("user").unwrap_or_default().to_owned();
-    Span::current().record("user", user_name.as_str());
+    who.user = Some(user_name.clone());
     let slot = ctx
         .try_open_session()
         .ok_or(SessionError::TooManyConnections)?;

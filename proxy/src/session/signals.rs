@@ -1,0 +1,353 @@
+//! What can stop a relay besides its two sockets: graywire's shutdown (soft and hard), a
+//! topology change, the node's eviction, a pinned session's recheck, and another session
+//! wanting the pool's connection.
+//!
+//! They are rare, and the relay must not pay for them on every round trip: polling them all
+//! each time a socket woke the task would take a lock per token or watch channel, shared with
+//! every other session. So they live in one future ([`watch`]) that runs only after one of
+//! them woke the task ([`Gate`]); what fired is raised in a [`SignalSet`], which the relay reads
+//! with plain loads.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::sync::watch as channel;
+
+use crate::pool::Pool;
+use crate::shutdown::Shutdown;
+
+/// Where the relay's signals come from, besides graywire's shutdown.
+pub struct BoundaryWatch<'a> {
+    /// Topology changes; a change not yet seen by this receiver stops the relay at a boundary.
+    pub changes: &'a mut channel::Receiver<u64>,
+    /// New transactions are held (paused): client bytes arriving at a boundary stop the relay.
+    pub hold_requests: bool,
+    /// Stop at the first boundary after this instant (a pinned session's recheck).
+    pub recheck_at: Option<tokio::time::Instant>,
+    /// Transaction mode: the connection's pool; stop at a boundary once another session
+    /// wants a connection of it (the connection goes back).
+    pub pool: Option<&'a Pool>,
+    /// Changes when the session must leave its node at once.
+    pub evictions: &'a mut channel::Receiver<u64>,
+}
+
+/// One signal, as a bit of a [`SignalSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// graywire stops now: end the session wherever it is.
+    HardStop = 1,
+    /// graywire is stopping: end the session at its next boundary.
+    SoftStop = 2,
+    /// The topology changed: look at the node again at the next boundary.
+    TopologyChanged = 4,
+    /// A pinned session's recheck is due.
+    RecheckDue = 8,
+    /// Another session waits for a connection of this pool.
+    Wanted = 16,
+    /// The node's drain timed out: leave it at once.
+    Evicted = 32,
+}
+
+/// The signals that fired during one relay run. Raised by [`watch`], read by the relay; both
+/// run in the same task, the atomics only make the set shareable between them.
+#[derive(Debug, Default)]
+pub struct SignalSet(AtomicU8);
+
+impl SignalSet {
+    pub fn has(&self, s: Signal) -> bool {
+        self.0.load(Ordering::Relaxed) & s as u8 != 0
+    }
+
+    fn raise(&self, s: Signal) {
+        self.0.fetch_or(s as u8, Ordering::Relaxed);
+    }
+}
+
+/// Raises each signal in `set` as it fires; never completes. On its first poll it registers
+/// with every source and raises what has already happened (a change not yet seen, a pool that
+/// is already wanted, a shutdown under way).
+pub async fn watch(shutdown: &Shutdown, w: BoundaryWatch<'_>, set: &SignalSet) -> Infallible {
+    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
+    let recheck_enabled = w.recheck_at.is_some();
+    let pool = w.pool;
+    let wanted = async {
+        match pool {
+            Some(p) => {
+                let notified = p.wanted();
+                tokio::pin!(notified);
+                // Enabled before the first look at `is_wanted`, so no wake-up is missed.
+                notified.as_mut().enable();
+                if !p.is_wanted() {
+                    notified.await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let soft = shutdown.soft.cancelled();
+    let hard = shutdown.hard.cancelled();
+    let change = w.changes.changed();
+    let evicted = w.evictions.changed();
+    let recheck = tokio::time::sleep_until(w.recheck_at.unwrap_or(far));
+    tokio::pin!(soft, hard, change, evicted, recheck, wanted);
+    let mut evictions_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut hard, if !set.has(Signal::HardStop) => set.raise(Signal::HardStop),
+            _ = &mut soft, if !set.has(Signal::SoftStop) => set.raise(Signal::SoftStop),
+            r = &mut evicted, if evictions_open && !set.has(Signal::Evicted) => match r {
+                Ok(()) => set.raise(Signal::Evicted),
+                // The binding is gone: nobody can evict this session any more.
+                Err(_) => evictions_open = false,
+            },
+            // A closed topology channel means graywire is going away: look again as well.
+            _ = &mut change, if !set.has(Signal::TopologyChanged) => {
+                set.raise(Signal::TopologyChanged)
+            }
+            _ = &mut wanted, if pool.is_some() && !set.has(Signal::Wanted) => {
+                set.raise(Signal::Wanted)
+            }
+            _ = &mut recheck, if recheck_enabled && !set.has(Signal::RecheckDue) => {
+                set.raise(Signal::RecheckDue)
+            }
+            else => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// Runs a future only when it woke the task, not whenever the task is polled.
+///
+/// The inner future gets a waker of the gate's own: waking it marks the gate and passes the
+/// wake-up on to the task. [`Gate::poll_woken`] polls the inner future only when it was marked
+/// (or on the first poll, or when the task's waker changed); otherwise it costs one load.
+pub struct Gate<'a, F> {
+    fut: Pin<&'a mut F>,
+    flag: Arc<WakeFlag>,
+    waker: Waker,
+    /// The task's waker the flag passes wake-ups to, as last given to it.
+    outer: Option<Waker>,
+}
+
+struct WakeFlag {
+    woken: AtomicBool,
+    outer: Mutex<Option<Waker>>,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = outer.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl<'a, F: Future> Gate<'a, F> {
+    pub fn new(fut: Pin<&'a mut F>) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(false),
+            outer: Mutex::new(None),
+        });
+        let waker = Waker::from(flag.clone());
+        Gate {
+            fut,
+            flag,
+            waker,
+            outer: None,
+        }
+    }
+
+    /// `Ready(Some(output))` if the inner future completed, `Ready(None)` if it ran and is
+    /// still pending (look at what it changed), `Pending` if it had no reason to run.
+    pub fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        let same_task = self.outer.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !self.flag.woken.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        if !same_task {
+            let w = cx.waker().clone();
+            *self.flag.outer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
+            self.outer = Some(w);
+        }
+        self.flag.woken.store(false, Ordering::Release);
+        let mut inner = Context::from_waker(&self.waker);
+        match self.fut.as_mut().poll(&mut inner) {
+            Poll::Ready(out) => Poll::Ready(Some(out)),
+            Poll::Pending => Poll::Ready(None),
+        }
+    }
+
+    /// Runs the inner future now, whether it was woken or not (e.g. to register it).
+    pub async fn poll_now(&mut self) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            self.outer = None;
+            self.poll_woken(cx)
+        })
+        .await
+    }
+
+    /// Completes once the inner future ran after waking the task.
+    pub async fn woken(&mut self) -> Option<F::Output> {
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its polls; pending until `open` is set, then wakes through the stored waker.
+    struct Counted<'a> {
+        polls: &'a AtomicUsize,
+        open: &'a AtomicBool,
+        waker: &'a Mutex<Option<Waker>>,
+    }
+
+    impl Future for Counted<'_> {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.open.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn the_inner_future_runs_only_after_it_woke_the_task() {
+        let polls = AtomicUsize::new(0);
+        let open = AtomicBool::new(false);
+        let stored = Mutex::new(None);
+        let mut fut = Counted {
+            polls: &polls,
+            open: &open,
+            waker: &stored,
+        };
+        let mut gate = Gate::new(Pin::new(&mut fut));
+        let task_wakes = Arc::new(WakeCount::default());
+        let task_waker = Waker::from(task_wakes.clone());
+        let mut cx = Context::from_waker(&task_waker);
+
+        // The first poll runs it (registration) and reports that it ran.
+        assert_eq!(gate.poll_woken(&mut cx), Poll::Ready(None));
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        // Polled again without a wake-up: the inner future is not touched.
+        for _ in 0..100 {
+            assert_eq!(gate.poll_woken(&mut cx), Poll::Pending);
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+
+        // Its wake-up reaches the task, and the next poll runs it.
+        open.store(true, Ordering::SeqCst);
+        stored.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task_wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(gate.poll_woken(&mut cx), Poll::Ready(Some(())));
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_new_task_waker_makes_it_run_again() {
+        let polls = AtomicUsize::new(0);
+        let open = AtomicBool::new(false);
+        let stored = Mutex::new(None);
+        let mut fut = Counted {
+            polls: &polls,
+            open: &open,
+            waker: &stored,
+        };
+        let mut gate = Gate::new(Pin::new(&mut fut));
+        let first = Waker::from(Arc::new(WakeCount::default()));
+        let second_wakes = Arc::new(WakeCount::default());
+        let second = Waker::from(second_wakes.clone());
+        assert_eq!(
+            gate.poll_woken(&mut Context::from_waker(&first)),
+            Poll::Ready(None)
+        );
+        assert_eq!(
+            gate.poll_woken(&mut Context::from_waker(&second)),
+            Poll::Ready(None)
+        );
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        // The inner wake-up now goes to the second waker.
+        stored.lock().unwrap().take().unwrap().wake();
+        assert_eq!(second_wakes.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[derive(Default)]
+    struct WakeCount(AtomicUsize);
+
+    impl Wake for WakeCount {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn signals_that_already_fired_are_raised_on_the_first_poll() {
+        let shutdown = Shutdown::default();
+        shutdown.soft.cancel();
+        let (tx, mut changes) = channel::channel(0u64);
+        tx.send(1).unwrap();
+        let (_etx, mut evictions) = channel::channel(0u64);
+        let set = SignalSet::default();
+        let w = BoundaryWatch {
+            changes: &mut changes,
+            hold_requests: false,
+            recheck_at: None,
+            pool: None,
+            evictions: &mut evictions,
+        };
+        let fut = watch(&shutdown, w, &set);
+        tokio::pin!(fut);
+        let mut gate = Gate::new(fut.as_mut());
+        assert!(gate.poll_now().await.is_none());
+        assert!(set.has(Signal::SoftStop));
+        assert!(set.has(Signal::TopologyChanged));
+        assert!(!set.has(Signal::HardStop));
+        assert!(!set.has(Signal::Evicted));
+        assert!(!set.has(Signal::RecheckDue));
+    }
+
+    #[tokio::test]
+    async fn a_signal_wakes_the_relay_and_is_raised() {
+        let shutdown = Shutdown::default();
+        let (_tx, mut changes) = channel::channel(0u64);
+        let (etx, mut evictions) = channel::channel(0u64);
+        let set = SignalSet::default();
+        let w = BoundaryWatch {
+            changes: &mut changes,
+            hold_requests: false,
+            recheck_at: Some(tokio::time::Instant::now() + std::time::Duration::from_secs(3600)),
+            pool: None,
+            evictions: &mut evictions,
+        };
+        let fut = watch(&shutdown, w, &set);
+        tokio::pin!(fut);
+        let mut gate = Gate::new(fut.as_mut());
+        assert!(gate.poll_now().await.is_none());
+        assert!(!set.has(Signal::Evicted));
+        etx.send(1).unwrap();
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), gate.woken()).await;
+        assert!(woke.is_ok(), "the eviction did not wake the gate");
+        assert!(set.has(Signal::Evicted));
+        assert!(!set.has(Signal::RecheckDue));
+        shutdown.hard.cancel();
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), gate.woken()).await;
+        assert!(woke.is_ok(), "the hard stop did not wake the gate");
+        assert!(set.has(Signal::HardStop));
+    }
+}

@@ -1,0 +1,397 @@
+//! What the session learns from the messages passing through: the transaction status from
+//! each ReadyForQuery, requests in flight, the node's parameters, the client's named prepared
+//! statements, and hints that a setting changed or state got bound to the backend connection.
+//! The relay feeds it the bytes it scans; it does no I/O.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::error::SessionError;
+use crate::metrics as m;
+use crate::protocol::frame::{
+    check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned, HEADER_LEN,
+};
+use crate::protocol::message::TxStatus;
+use crate::protocol::sqltext::{leading_command, mentions_session_advisory_lock, Command};
+
+/// The client's named prepared statements by name. Looked up on every Bind, so hashed with
+/// FxHash rather than SipHash: the names come from the session's own client, which can only
+/// slow down its own lookups.
+pub type Statements = HashMap<String, Statement, rustc_hash::FxBuildHasher>;
+
+/// Relayed bytes are published to the shared counters per this many.
+const BYTES_BATCH: u64 = 64 * 1024;
+
+/// A protocol-level prepared statement as the client defined it, kept to re-prepare it on
+/// another backend connection.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    /// The client's Parse message, whole.
+    pub parse: Bytes,
+    pub command: Command,
+}
+
+/// What the request in flight (since the last ReadyForQuery) contains, for answering it if
+/// its backend dies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub commit: bool,
+    pub rollback: bool,
+    /// The request used the extended protocol (its replies need more than CommandComplete).
+    pub extended: bool,
+}
+
+/// Protocol facts the session learns from the messages passing through.
+pub struct Tracker {
+    pub status: TxStatus,
+    /// Query, Sync and FunctionCall messages forwarded and not yet answered by ReadyForQuery.
+    pub unanswered: u32,
+    /// Extended-protocol messages were forwarded after the last Sync.
+    pub open_extended: bool,
+    pub in_flight: InFlight,
+    /// The node is in a COPY started by the current request.
+    pub in_copy: bool,
+    /// A statement that may change a session setting ran; capture settings at the boundary.
+    pub settings_dirty: bool,
+    /// A statement that may create state bound to the backend connection ran (see
+    /// [`Command::SessionState`]); transaction mode looks before giving the connection back.
+    pub maybe_pinned: bool,
+    /// The latest value of every parameter the node reported.
+    pub parameters: Vec<(String, String)>,
+    /// Named protocol-level prepared statements the client defined.
+    pub statements: Statements,
+    /// The last ErrorResponse from the node was FATAL (the node ends the connection itself).
+    pub node_said_fatal: bool,
+    /// The node's FATAL shutdown message, withheld from the client.
+    pub node_shutting_down: Option<String>,
+    request_started: Option<Instant>,
+    pub(super) frontend: Framer,
+    backend: Framer,
+    max_message_size: usize,
+    query_duration: metrics::Histogram,
+    bytes_up: metrics::Counter,
+    bytes_down: metrics::Counter,
+    /// Bytes relayed but not yet added to the shared counters (published in batches, so the
+    /// hot path does not touch a cache line every session shares).
+    unpublished_up: u64,
+    unpublished_down: u64,
+}
+
+impl Tracker {
+    pub fn new(
+        parameters: Vec<(String, String)>,
+        status: TxStatus,
+        max_message_size: usize,
+        handles: &m::SessionMetrics,
+    ) -> Self {
+        Tracker {
+            status,
+            unanswered: 0,
+            open_extended: false,
+            in_flight: InFlight::default(),
+            in_copy: false,
+            settings_dirty: false,
+            maybe_pinned: false,
+            parameters,
+            statements: Statements::default(),
+            node_said_fatal: false,
+            node_shutting_down: None,
+            request_started: None,
+            frontend: Framer::default(),
+            backend: Framer::default(),
+            max_message_size,
+            query_duration: handles.query_duration.clone(),
+            bytes_up: handles.bytes_up.clone(),
+            bytes_down: handles.bytes_down.clone(),
+            unpublished_up: 0,
+            unpublished_down: 0,
+        }
+    }
+
+    pub(super) fn count_up(&mut self, n: usize) {
+        self.unpublished_up += n as u64;
+        if self.unpublished_up >= BYTES_BATCH {
+            self.publish_bytes();
+        }
+    }
+
+    pub(super) fn count_down(&mut self, n: usize) {
+        self.unpublished_down += n as u64;
+        if self.unpublished_down >= BYTES_BATCH {
+            self.publish_bytes();
+        }
+    }
+
+    /// Adds the locally counted bytes to the shared counters.
+    pub fn publish_bytes(&mut self) {
+        self.bytes_up
+            .increment(std::mem::take(&mut self.unpublished_up));
+        self.bytes_down
+            .increment(std::mem::take(&mut self.unpublished_down));
+    }
+
+    /// A transaction boundary with nothing in flight in either direction.
+    pub fn at_boundary(&self) -> bool {
+        self.status == TxStatus::Idle && self.between_requests()
+    }
+
+    /// Nothing in flight in either direction (the transaction may still be open).
+    pub fn between_requests(&self) -> bool {
+        self.unanswered == 0
+            && !self.open_extended
+            && self.frontend.at_message_start()
+            && self.backend.at_message_start()
+    }
+
+    /// The node stream stands between messages (graywire may write its own to the client).
+    pub fn backend_at_message_start(&self) -> bool {
+        self.backend.at_message_start()
+    }
+
+    /// Forgets what the dead backend connection was doing, after graywire answered for it.
+    pub fn reset_backend_side(&mut self) {
+        self.backend = Framer::default();
+        self.unanswered = 0;
+        self.open_extended = false;
+        self.in_flight = InFlight::default();
+        self.in_copy = false;
+        self.node_said_fatal = false;
+        self.node_shutting_down = None;
+        self.request_started = None;
+    }
+
+    /// A request begins (Query, Sync or FunctionCall forwarded).
+    fn request(&mut self) {
+        if self.unanswered == 0 {
+            self.request_started = Some(Instant::now());
+        }
+        self.unanswered += 1;
+    }
+
+    fn note_command(&mut self, command: Command) {
+        match command {
+            Command::SessionSetting => self.settings_dirty = true,
+            Command::Commit => self.in_flight.commit = true,
+            Command::Rollback => self.in_flight.rollback = true,
+            Command::Discard => {
+                self.statements.clear();
+                // DISCARD ALL also resets settings.
+                self.settings_dirty = true;
+            }
+            Command::SessionState => self.maybe_pinned = true,
+            Command::Other => {}
+        }
+    }
+
+    /// Records a Parse (named statements are kept to re-prepare them elsewhere).
+    fn on_parse(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let bad = || SessionError::Protocol("malformed Parse message".into());
+        let (name, rest) = read_cstr(&msg[HEADER_LEN..]).ok_or_else(bad)?;
+        let command = leading_command(rest);
+        self.note_command(command);
+        if mentions_session_advisory_lock(rest) {
+            self.maybe_pinned = true;
+        }
+        if !name.is_empty() {
+            self.statements.insert(
+                name.to_owned(),
+                Statement {
+                    parse: Bytes::copy_from_slice(msg),
+                    command,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Records a Close of a named statement.
+    fn on_close(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let body = &msg[HEADER_LEN..];
+        let bad = || SessionError::Protocol("malformed Close message".into());
+        let (&kind, rest) = body.split_first().ok_or_else(bad)?;
+        let (name, _) = read_cstr(rest).ok_or_else(bad)?;
+        if kind == b'S' {
+            self.statements.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Scans client bytes: validates every header, counts requests, watches statements, stops
+    /// at Terminate.
+    pub(super) fn scan_frontend(&mut self, buf: &[u8]) -> Result<Scanned, SessionError> {
+        let mut framer = std::mem::take(&mut self.frontend);
+        let max = self.max_message_size;
+        // Both callbacks update the tracker; they never run at the same time.
+        let this = RefCell::new(&mut *self);
+        let result = framer.scan(
+            buf,
+            |tag, len, body| {
+                check_frontend_header(tag, len, max)?;
+                let mut this = this.borrow_mut();
+                // Each header is classified exactly once, so counting here is exact.
+                Ok(match tag {
+                    b'X' | b'P' | b'C' => Handling::Inspect,
+                    b'Q' => {
+                        this.note_command(leading_command(body));
+                        if mentions_session_advisory_lock(body) {
+                            this.maybe_pinned = true;
+                        }
+                        this.request();
+                        Handling::Stream
+                    }
+                    b'S' => {
+                        this.open_extended = false;
+                        this.request();
+                        Handling::Stream
+                    }
+                    b'F' => {
+                        this.request();
+                        Handling::Stream
+                    }
+                    b'B' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        // Bind: portal name, then statement name.
+                        let command = read_cstr(body)
+                            .and_then(|(_, rest)| read_cstr(rest))
+                            .and_then(|(name, _)| this.statements.get(name))
+                            .map(|s| s.command);
+                        if let Some(c) = command {
+                            this.note_command(c);
+                        }
+                        Handling::Stream
+                    }
+                    b'D' | b'E' | b'H' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        Handling::Stream
+                    }
+                    _ => Handling::Stream,
+                })
+            },
+            |tag, msg| {
+                let mut this = this.borrow_mut();
+                match tag {
+                    b'P' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        this.on_parse(msg)?;
+                    }
+                    b'C' => {
+                        this.open_extended = true;
+                        this.in_flight.extended = true;
+                        this.on_close(msg)?;
+                    }
+                    _ => return Ok::<_, SessionError>(Flow::Stop),
+                }
+                Ok(Flow::Forward)
+            },
+        );
+        self.frontend = framer;
+        result
+    }
+
+    /// Scans node bytes: transaction status, parameter changes, errors, COPY.
+    pub(super) fn scan_backend(&mut self, buf: &[u8]) -> Scanned {
+        let mut framer = std::mem::take(&mut self.backend);
+        let this = RefCell::new(&mut *self);
+        let result = framer.scan(
+            buf,
+            |tag, len, _| {
+                if len < 4 {
+                    return Err(());
+                }
+                Ok(match tag {
+                    b'Z' | b'S' | b'E' => Handling::Inspect,
+                    b'G' | b'H' | b'W' => {
+                        this.borrow_mut().in_copy = true;
+                        Handling::Stream
+                    }
+                    _ => Handling::Stream,
+                })
+            },
+            |tag, msg| {
+                let mut this = this.borrow_mut();
+                let body = &msg[HEADER_LEN..];
+                match tag {
+                    b'Z' => this.on_ready_for_query(body),
+                    b'S' => this.on_parameter_status(body),
+                    b'E' => return Ok(this.on_error(body)),
+                    _ => {}
+                }
+                Ok(Flow::Forward)
+            },
+        );
+        self.backend = framer;
+        // A node that sends a length under 4 is broken; forward what is there and let the
+        // client's driver report it, as it would on a direct connection.
+        result.unwrap_or(Scanned {
+            forward: buf.len(),
+            stopped: None,
+        })
+    }
+
+    fn on_ready_for_query(&mut self, body: &[u8]) {
+        if let Some(s) = body.first().copied().and_then(TxStatus::from_byte) {
+            self.status = s;
+        }
+        self.in_copy = false;
+        self.unanswered = self.unanswered.saturating_sub(1);
+        if self.unanswered == 0 {
+            self.in_flight = InFlight::default();
+            if let Some(t) = self.request_started.take() {
+                self.query_duration.record(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    pub(super) fn on_parameter_status(&mut self, body: &[u8]) {
+        let Some((name, rest)) = read_cstr(body) else {
+            return;
+        };
+        let Some((value, _)) = read_cstr(rest) else {
+            return;
+        };
+        set_parameter(&mut self.parameters, name, value);
+    }
+
+    /// Counts the error; a FATAL that says the node is going away (57P01 admin shutdown,
+    /// 57P02 crash shutdown, 57P03 cannot connect now) is withheld: the session will go on
+    /// on another backend connection.
+    fn on_error(&mut self, body: &[u8]) -> Flow {
+        let mut fields = body;
+        let mut fatal = false;
+        while let Some((&field, rest)) = fields.split_first() {
+            if field == 0 {
+                break;
+            }
+            let Some((value, rest)) = read_cstr(rest) else {
+                break;
+            };
+            if field == b'V' {
+                fatal = value == "FATAL" || value == "PANIC";
+            }
+            fields = rest;
+        }
+        let (sqlstate, message) = crate::backend::error_fields(body);
+        if fatal && matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03") {
+            self.node_shutting_down = Some(format!("{message} ({sqlstate})"));
+            return Flow::Stop;
+        }
+        self.node_said_fatal = fatal;
+        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate, "source" => "node")
+            .increment(1);
+        Flow::Forward
+    }
+}
+
+/// Sets `name` to `value` in a parameter list, adding it if new.
+pub fn set_parameter(list: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match list.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => slot.1 = value.to_owned(),
+        None => list.push((name.to_owned(), value.to_owned())),
+    }
+}
