@@ -671,6 +671,35 @@ summary_table() {
         }' "$CSV"
 }
 
+# paired_table: graywire against PgBouncer round by round. Runs of the same round are minutes
+# apart at most, so their ratio cancels slow drift of the machine; the counts show how often
+# graywire came out ahead, which medians over few rounds hide.
+paired_table() {
+    awk -F, -v wls="$WORKLOADS" '
+        function sort(a, n,   i, j, v) { for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v } }
+        function median(a, n) { if (n == 0) return ""; sort(a, n); return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+        NR > 1 && $10 == "ok" { tps[$2, $5, $3] = $11 + 0; cpu[$2, $5, $3] = $18; if ($3 + 0 > maxr) maxr = $3 + 0 }
+        function pair(w, g, p, label,   r, k, nt, nc, wt, wc, rt) {
+            k = 0; wt = 0; wc = 0; nc = 0
+            for (r = 1; r <= maxr; r++) {
+                if (!((w, g, r) in tps) || !((w, p, r) in tps) || tps[w, p, r] <= 0) continue
+                rt[++k] = tps[w, g, r] / tps[w, p, r]
+                if (tps[w, g, r] >= tps[w, p, r]) wt++
+                if (cpu[w, g, r] != "" && cpu[w, p, r] != "") { nc++; if (cpu[w, g, r] + 0 <= cpu[w, p, r] + 0) wc++ }
+            }
+            if (k == 0) return
+            printf "  %-16s %8d %22.3f %17s %17s\n", label, k, median(rt, k), wt "/" k, (nc ? wc "/" nc : "n/a")
+        }
+        END {
+            printf "  %-16s %8s %22s %17s %17s\n", "workload", "rounds", "median gw/pgb TPS", "gw TPS >= pgb", "gw CPU <= pgb"
+            nw = split(wls, w, " ")
+            for (i = 1; i <= nw; i++) {
+                pair(w[i], "graywire", "pgbouncer", w[i])
+                pair(w[i], "graywire-tx", "pgbouncer-tx", "  (transaction)")
+            }
+        }' "$CSV"
+}
+
 # Warm-up: page cache, shared buffers, pools. Not measured.
 if ((WARMUP > 0)); then
     log "warm-up: ${WARMUP}s select-only per target"
@@ -699,10 +728,10 @@ for wl in $WORKLOADS; do
     if [[ $wl == churn ]]; then
         say "   Note: every pgbench connection is new. direct: pgbench and postgres do a SCRAM exchange and"
         say "   postgres forks a backend per connection; direct-trust: the same without authentication."
-        say "   graywire in session mode (client auth trust) opens a new backend connection with SCRAM for"
-        say "   every client connection; graywire-tx (transaction mode) takes one from its pool. PgBouncer"
-        say "   (client auth trust) keeps server connections pooled across client connections in session"
-        say "   and transaction mode, which is the point of a pooler under churn."
+        say "   graywire and PgBouncer (client auth trust) keep server connections across client"
+        say "   connections, which is the point of a pooler under churn. Both reset a server connection"
+        say "   with DISCARD ALL when a client leaves it in session mode; in transaction mode graywire"
+        say "   still resets it before another client gets it (no session state leaks), PgBouncer does not."
     fi
     say ""
     wl_index=$((wl_index + 1))
@@ -713,6 +742,9 @@ summary_table | tee -a "$REPORT"
 say ""
 say "  ratios < 1 mean slower than connecting directly; on a small machine the proxy competes with"
 say "  pgbench and postgres for the CPUs, so the CPU us/tx columns are the more stable comparison."
+say ""
+say "== paired by round: graywire against PgBouncer in the same round =="
+paired_table | tee -a "$REPORT"
 
 sed 's/\x1b\[[0-9;]*m//g' "$GW_LOG" >"$RESULTS_DIR/pgbench-$STAMP-graywire.log"
 GW_PROBLEMS=$(grep -cE ' (WARN|ERROR) ' "$RESULTS_DIR/pgbench-$STAMP-graywire.log" || true)
