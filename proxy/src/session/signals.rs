@@ -208,35 +208,48 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    /// Counts its polls; pending until `open` is set, then wakes through the stored waker.
-    struct Counted<'a> {
-        polls: &'a AtomicUsize,
-        open: &'a AtomicBool,
-        waker: &'a Mutex<Option<Waker>>,
+    /// A future's observer: counts its polls, keeps its last waker, decides when it is ready.
+    #[derive(Default)]
+    struct Probe {
+        polls: AtomicUsize,
+        open: AtomicBool,
+        waker: Mutex<Option<Waker>>,
     }
+
+    impl Probe {
+        fn future(&self) -> Counted<'_> {
+            Counted(self)
+        }
+
+        fn polls(&self) -> usize {
+            self.polls.load(Ordering::SeqCst)
+        }
+
+        /// Wakes whoever polled the future last.
+        fn wake(&self) {
+            self.waker.lock().unwrap().take().unwrap().wake();
+        }
+    }
+
+    /// Pending until its probe is opened.
+    struct Counted<'a>(&'a Probe);
 
     impl Future for Counted<'_> {
         type Output = ();
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            if self.open.load(Ordering::SeqCst) {
+            self.0.polls.fetch_add(1, Ordering::SeqCst);
+            if self.0.open.load(Ordering::SeqCst) {
                 return Poll::Ready(());
             }
-            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            *self.0.waker.lock().unwrap() = Some(cx.waker().clone());
             Poll::Pending
         }
     }
 
     #[test]
     fn the_inner_future_runs_only_after_it_woke_the_task() {
-        let polls = AtomicUsize::new(0);
-        let open = AtomicBool::new(false);
-        let stored = Mutex::new(None);
-        let mut fut = Counted {
-            polls: &polls,
-            open: &open,
-            waker: &stored,
-        };
+        let probe = Probe::default();
+        let mut fut = probe.future();
         let mut gate = Gate::new(Pin::new(&mut fut));
         let task_wakes = Arc::new(WakeCount::default());
         let task_waker = Waker::from(task_wakes.clone());
@@ -244,31 +257,25 @@ mod tests {
 
         // The first poll runs it (registration) and reports that it ran.
         assert_eq!(gate.poll_woken(&mut cx), Poll::Ready(None));
-        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(probe.polls(), 1);
         // Polled again without a wake-up: the inner future is not touched.
         for _ in 0..100 {
             assert_eq!(gate.poll_woken(&mut cx), Poll::Pending);
         }
-        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(probe.polls(), 1);
 
         // Its wake-up reaches the task, and the next poll runs it.
-        open.store(true, Ordering::SeqCst);
-        stored.lock().unwrap().take().unwrap().wake();
+        probe.open.store(true, Ordering::SeqCst);
+        probe.wake();
         assert_eq!(task_wakes.0.load(Ordering::SeqCst), 1);
         assert_eq!(gate.poll_woken(&mut cx), Poll::Ready(Some(())));
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(probe.polls(), 2);
     }
 
     #[test]
     fn a_new_task_waker_makes_it_run_again() {
-        let polls = AtomicUsize::new(0);
-        let open = AtomicBool::new(false);
-        let stored = Mutex::new(None);
-        let mut fut = Counted {
-            polls: &polls,
-            open: &open,
-            waker: &stored,
-        };
+        let probe = Probe::default();
+        let mut fut = probe.future();
         let mut gate = Gate::new(Pin::new(&mut fut));
         let first = Waker::from(Arc::new(WakeCount::default()));
         let second_wakes = Arc::new(WakeCount::default());
@@ -281,9 +288,9 @@ mod tests {
             gate.poll_woken(&mut Context::from_waker(&second)),
             Poll::Ready(None)
         );
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(probe.polls(), 2);
         // The inner wake-up now goes to the second waker.
-        stored.lock().unwrap().take().unwrap().wake();
+        probe.wake();
         assert_eq!(second_wakes.0.load(Ordering::SeqCst), 1);
     }
 
