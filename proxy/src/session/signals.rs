@@ -303,6 +303,21 @@ mod tests {
         }
     }
 
+    /// A watch of a session-mode session (no pool), not paused.
+    fn watching<'a>(
+        changes: &'a mut channel::Receiver<u64>,
+        evictions: &'a mut channel::Receiver<u64>,
+        recheck_at: Option<tokio::time::Instant>,
+    ) -> BoundaryWatch<'a> {
+        BoundaryWatch {
+            changes,
+            hold_requests: false,
+            recheck_at,
+            pool: None,
+            evictions,
+        }
+    }
+
     #[tokio::test]
     async fn signals_that_already_fired_are_raised_on_the_first_poll() {
         let shutdown = Shutdown::default();
@@ -311,13 +326,7 @@ mod tests {
         tx.send(1).unwrap();
         let (_etx, mut evictions) = channel::channel(0u64);
         let set = SignalSet::default();
-        let w = BoundaryWatch {
-            changes: &mut changes,
-            hold_requests: false,
-            recheck_at: None,
-            pool: None,
-            evictions: &mut evictions,
-        };
+        let w = watching(&mut changes, &mut evictions, None);
         let fut = watch(&shutdown, w, &set);
         tokio::pin!(fut);
         let mut gate = Gate::new(fut.as_mut());
@@ -335,13 +344,8 @@ mod tests {
         let (_tx, mut changes) = channel::channel(0u64);
         let (etx, mut evictions) = channel::channel(0u64);
         let set = SignalSet::default();
-        let w = BoundaryWatch {
-            changes: &mut changes,
-            hold_requests: false,
-            recheck_at: Some(tokio::time::Instant::now() + std::time::Duration::from_secs(3600)),
-            pool: None,
-            evictions: &mut evictions,
-        };
+        let later = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let w = watching(&mut changes, &mut evictions, Some(later));
         let fut = watch(&shutdown, w, &set);
         tokio::pin!(fut);
         let mut gate = Gate::new(fut.as_mut());
