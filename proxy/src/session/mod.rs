@@ -996,14 +996,15 @@ async fn open_and_authenticate<'c>(
         }
         Opening::Session(params) => params,
     };
-    let user_name = params.get("user").unwrap_or_default().to_owned();
-    who.user = Some(user_name.clone());
+    let user_name: &str = who
+        .user
+        .insert(params.get("user").unwrap_or_default().to_owned());
     let slot = ctx
         .try_open_session()
         .ok_or(SessionError::TooManyConnections)?;
     let user = config
-        .user(&user_name)
-        .ok_or_else(|| SessionError::UnknownUser(user_name.clone()))?;
+        .user(user_name)
+        .ok_or_else(|| SessionError::UnknownUser(user_name.to_owned()))?;
     auth::authenticate(client, user).await?;
     Ok(Some((params, user, slot)))
 }
