@@ -74,14 +74,17 @@ pub fn leading_command(text: &[u8]) -> Command {
 /// (`pg_advisory_lock`, `pg_try_advisory_lock`, their `_shared` forms; not the `_xact_` ones,
 /// which end with the transaction).
 pub fn mentions_session_advisory_lock(text: &[u8]) -> bool {
-    // Cheap on the hot path: only where an 'a' starts "advisory" is anything compared.
+    const NAME: &[u8] = b"advisory_lock";
+    // Cheap on the hot path: only where a 'k' (rare in SQL) could end "advisory_lock" is
+    // anything compared, and memchr finds those a word at a time.
     let ends_with =
         |end: usize, s: &[u8]| end >= s.len() && text[end - s.len()..end].eq_ignore_ascii_case(s);
-    (0..text.len().saturating_sub(12)).any(|i| {
-        text[i] | 0x20 == b'a'
-            && text[i..].len() >= 13
-            && text[i..i + 13].eq_ignore_ascii_case(b"advisory_lock")
-            && (ends_with(i, b"pg_") || ends_with(i, b"pg_try_"))
+    memchr::memchr2_iter(b'k', b'K', text).any(|k| {
+        let end = k + 1;
+        ends_with(end, NAME) && {
+            let start = end - NAME.len();
+            ends_with(start, b"pg_") || ends_with(start, b"pg_try_")
+        }
     })
 }
 
@@ -202,6 +205,30 @@ mod tests {
             b"SELECT pg_advisory_xact_lock(1)"
         ));
         assert!(!mentions_session_advisory_lock(b"SELECT 1"));
+        assert!(!mentions_session_advisory_lock(b"k"));
+        assert!(!mentions_session_advisory_lock(b"advisory_lock(1)"));
+        assert!(!mentions_session_advisory_lock(b"SELECT pg_advisory_loc"));
+        assert!(mentions_session_advisory_lock(b"pg_advisory_lock"));
+    }
+
+    proptest::proptest! {
+        /// The scan agrees with the plain definition: the lower-cased text contains
+        /// `pg_advisory_lock` or `pg_try_advisory_lock`.
+        #[test]
+        fn advisory_scan_matches_its_definition(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "pg_", "PG_", "try_", "advisory", "ADVISORY", "_lock", "_LOCK", "_xact",
+                    "(1)", " ", "k", "K", "select ", "lock", "_", "a",
+                ]),
+                0..12,
+            )
+        ) {
+            let text = parts.concat();
+            let lower = text.to_ascii_lowercase();
+            let want = lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock");
+            proptest::prop_assert_eq!(mentions_session_advisory_lock(text.as_bytes()), want, "{}", text);
+        }
     }
 
     #[test]
