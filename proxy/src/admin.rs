@@ -104,7 +104,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
         ),
         (&Method::GET, ["metrics"]) => match &admin.metrics {
             Some(h) => {
-                let mut r = text(StatusCode::OK, h.render());
+                let mut r = text(StatusCode::OK, h.render() + &crate::metrics::render_kept());
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),

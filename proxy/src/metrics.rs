@@ -2,6 +2,7 @@
 //! through these constants only; `describe()` registers the help texts and `install()` sets up
 //! the Prometheus exporter once per process.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -18,7 +19,8 @@ pub const NODE_SESSIONS: &str = "graywire_node_sessions";
 pub const BACKEND_CONNECTIONS: &str = "graywire_backend_connections";
 /// ErrorResponses clients received, relayed or graywire's own (labels `sqlstate`, `source`).
 pub const CLIENT_ERRORS_TOTAL: &str = "graywire_client_errors_total";
-/// Time from a client's request to the ReadyForQuery that answers it.
+/// Time from a client's request to the ReadyForQuery that answers it. Kept by graywire itself
+/// ([`QUERY_DURATION`]), not by the exporter: it is recorded once per request.
 pub const QUERY_DURATION_SECONDS: &str = "graywire_query_duration_seconds";
 /// CancelRequests received (`result`: forwarded, unknown_key, idle, held_cancelled, failed).
 pub const CANCEL_REQUESTS_TOTAL: &str = "graywire_cancel_requests_total";
@@ -86,11 +88,6 @@ pub fn describe() {
     describe_counter!(
         CLIENT_ERRORS_TOTAL,
         "ErrorResponses sent to clients, by SQLSTATE and source"
-    );
-    describe_histogram!(
-        QUERY_DURATION_SECONDS,
-        Unit::Seconds,
-        "Time from a client request to its ReadyForQuery"
     );
     describe_counter!(CANCEL_REQUESTS_TOTAL, "CancelRequests received, by result");
     describe_gauge!(NODE_UP, "1 when the node passes health checks");
@@ -230,7 +227,6 @@ pub const CONNECTION_RESULTS: [&str; 8] = [
 #[derive(Clone)]
 pub struct SessionMetrics {
     pub sessions: metrics::Gauge,
-    pub query_duration: metrics::Histogram,
     pub bytes_up: metrics::Counter,
     pub bytes_down: metrics::Counter,
     connections: [metrics::Counter; CONNECTION_RESULTS.len()],
@@ -241,7 +237,6 @@ impl SessionMetrics {
     pub fn new() -> Self {
         SessionMetrics {
             sessions: metrics::gauge!(SESSIONS),
-            query_duration: metrics::histogram!(QUERY_DURATION_SECONDS),
             bytes_up: metrics::counter!(RELAYED_BYTES_TOTAL, "direction" => "client_to_node"),
             bytes_down: metrics::counter!(RELAYED_BYTES_TOTAL, "direction" => "node_to_client"),
             connections: CONNECTION_RESULTS
@@ -262,6 +257,110 @@ impl Default for SessionMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A histogram graywire keeps itself, for a measurement taken once per request: the
+/// exporter's histograms store every sample with a timestamp until upkeep folds them in,
+/// which costs more per request than the rest of the relay's bookkeeping. Sessions count
+/// into a [`LocalHistogram`] and add it here in batches; `/metrics` renders it after the
+/// exporter's output ([`render_kept`]).
+pub struct KeptHistogram {
+    name: &'static str,
+    help: &'static str,
+    /// Samples per bucket of [`LATENCY_BUCKETS`] (not cumulative); the last one counts the
+    /// samples above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// See [`QUERY_DURATION_SECONDS`].
+pub static QUERY_DURATION: KeptHistogram = KeptHistogram {
+    name: QUERY_DURATION_SECONDS,
+    help: "Time from a client request to its ReadyForQuery",
+    buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64::new(0),
+};
+
+impl KeptHistogram {
+    /// Appends the histogram in the Prometheus text format.
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} histogram", self.name);
+        let mut cumulative = 0u64;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            match LATENCY_BUCKETS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(out, "{}_bucket{{le=\"{le}\"}} {cumulative}", self.name);
+                }
+                None => {
+                    let _ = writeln!(out, "{}_bucket{{le=\"+Inf\"}} {cumulative}", self.name);
+                }
+            }
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{}_sum {sum}", self.name);
+        let _ = writeln!(out, "{}_count {cumulative}", self.name);
+    }
+}
+
+/// A session publishes what it counted locally (bytes, request durations) at least this
+/// often while requests complete, so a quiet session's figures are never far behind.
+pub const PUBLISH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Samples one session recorded and has not yet added to the shared histogram.
+#[derive(Default)]
+pub struct LocalHistogram {
+    buckets: [u32; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: u64,
+    samples: u32,
+}
+
+impl LocalHistogram {
+    /// A busy session adds its samples to the shared histogram per this many, so it touches
+    /// the shared counters rarely (its owner also publishes on a clock, see
+    /// [`PUBLISH_PERIOD`]).
+    pub const BATCH: u32 = 64;
+
+    /// Counts one sample; adds the batch to `shared` when it is full.
+    pub fn record(&mut self, took: std::time::Duration, shared: &KeptHistogram) {
+        let secs = took.as_secs_f64();
+        // The first bound at or above the value: its bucket is `le` that bound.
+        let i = LATENCY_BUCKETS.partition_point(|&le| le < secs);
+        self.buckets[i] += 1;
+        self.sum_nanos = self
+            .sum_nanos
+            .saturating_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+        self.samples += 1;
+        if self.samples >= Self::BATCH {
+            self.publish(shared);
+        }
+    }
+
+    /// Adds what was counted to `shared` and starts over.
+    pub fn publish(&mut self, shared: &KeptHistogram) {
+        if self.samples == 0 {
+            return;
+        }
+        for (mine, theirs) in self.buckets.iter_mut().zip(&shared.buckets) {
+            if *mine > 0 {
+                theirs.fetch_add(u64::from(std::mem::take(mine)), Ordering::Relaxed);
+            }
+        }
+        shared
+            .sum_nanos
+            .fetch_add(std::mem::take(&mut self.sum_nanos), Ordering::Relaxed);
+        self.samples = 0;
+    }
+}
+
+/// The histograms graywire keeps itself, in the Prometheus text format (appended to the
+/// exporter's output on `/metrics`).
+pub fn render_kept() -> String {
+    let mut out = String::new();
+    QUERY_DURATION.render(&mut out);
+    out
 }
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -295,4 +394,73 @@ pub fn install() -> Option<PrometheusHandle> {
             Some(handle)
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use super::*;
+
+    fn histogram() -> KeptHistogram {
+        KeptHistogram {
+            name: "test_seconds",
+            help: "A test histogram",
+            buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len() + 1],
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn rendered(h: &KeptHistogram) -> String {
+        let mut out = String::new();
+        h.render(&mut out);
+        out
+    }
+
+    #[test]
+    fn samples_land_in_cumulative_buckets_with_inclusive_bounds() {
+        let shared = histogram();
+        let mut local = LocalHistogram::default();
+        local.record(Duration::from_micros(100), &shared); // exactly the first bound
+        local.record(Duration::from_micros(101), &shared);
+        local.record(Duration::from_millis(3), &shared);
+        local.record(Duration::from_secs(100), &shared); // above every bound
+        // Nothing is shared before the batch is published.
+        assert!(rendered(&shared).contains("test_seconds_count 0\n"));
+        local.publish(&shared);
+        let text = rendered(&shared);
+        for line in [
+            "# HELP test_seconds A test histogram\n",
+            "# TYPE test_seconds histogram\n",
+            "test_seconds_bucket{le=\"0.0001\"} 1\n",
+            "test_seconds_bucket{le=\"0.00025\"} 2\n",
+            "test_seconds_bucket{le=\"0.0025\"} 2\n",
+            "test_seconds_bucket{le=\"0.005\"} 3\n",
+            "test_seconds_bucket{le=\"60\"} 3\n",
+            "test_seconds_bucket{le=\"+Inf\"} 4\n",
+            "test_seconds_sum 100.003201\n",
+            "test_seconds_count 4\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        // Publishing again adds nothing.
+        local.publish(&shared);
+        assert!(rendered(&shared).contains("test_seconds_count 4\n"));
+    }
+
+    #[test]
+    fn a_full_batch_is_published_without_being_asked() {
+        let shared = histogram();
+        let mut local = LocalHistogram::default();
+        for _ in 0..LocalHistogram::BATCH {
+            local.record(Duration::from_millis(1), &shared);
+        }
+        let text = rendered(&shared);
+        assert!(
+            text.contains(&format!("test_seconds_count {}\n", LocalHistogram::BATCH)),
+            "{text}"
+        );
+        assert!(text.contains("test_seconds_bucket{le=\"0.001\"} 64\n"), "{text}");
+    }
 }

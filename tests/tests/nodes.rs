@@ -56,6 +56,9 @@ async fn admin_endpoints_answer_and_metrics_are_exported() {
     let proxy = RunningProxy::in_front_of(&cluster).await;
     let c = proxy.connect("app").await;
     c.simple_query("SELECT 1").await.unwrap();
+    // A session publishes its request durations at least once a second while it runs.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.simple_query("SELECT 2").await.unwrap();
 
     assert_eq!(proxy.admin_get("/healthz").await.0, 200);
     let (status, body) = proxy.admin_get("/readyz").await;
@@ -81,6 +84,12 @@ async fn admin_endpoints_answer_and_metrics_are_exported() {
         body.contains("graywire_node_role{node=\"pg0\",role=\"primary\"} 1"),
         "{body}"
     );
+    let count: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("graywire_query_duration_seconds_count "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no query duration count in:\n{body}"));
+    assert!(count >= 2, "the open session's requests are not counted:\n{body}");
 
     let (status, body) = proxy.admin_get("/v1/nope").await;
     assert_eq!(status, 404);

@@ -197,7 +197,7 @@ async fn run(
     };
     session.start().await?;
     let result = session.serve().await;
-    session.tracker.publish_bytes();
+    session.tracker.publish();
     result
 }
 

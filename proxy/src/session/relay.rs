@@ -228,13 +228,13 @@ pub async fn run(
     }
     loop {
         if set.has(Signal::Evicted) {
-            t.publish_bytes();
+            t.publish();
             return Ok(RelayEnd::Evicted);
         }
         if set.has(Signal::HardStop)
             || (set.has(Signal::SoftStop) && t.at_boundary() && up.buf.is_empty())
         {
-            t.publish_bytes();
+            t.publish();
             return Ok(RelayEnd::Shutdown);
         }
         if up.ready == 0
@@ -245,7 +245,7 @@ pub async fn run(
                     && up.buf.is_empty()
                     && down.buf.is_empty()))
         {
-            t.publish_bytes();
+            t.publish();
             return Ok(RelayEnd::Boundary);
         }
         up.make_room();

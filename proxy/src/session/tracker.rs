@@ -22,7 +22,8 @@ use crate::protocol::sqltext::{leading_command, mentions_session_advisory_lock, 
 /// slow down its own lookups.
 pub type Statements = HashMap<String, Statement, rustc_hash::FxBuildHasher>;
 
-/// Relayed bytes are published to the shared counters per this many.
+/// Relayed bytes are published to the shared counters per this many (and at least every
+/// [`m::PUBLISH_PERIOD`] while requests complete).
 const BYTES_BATCH: u64 = 64 * 1024;
 
 /// A protocol-level prepared statement as the client defined it, kept to re-prepare it on
@@ -71,7 +72,10 @@ pub struct Tracker {
     pub(super) frontend: Framer,
     backend: Framer,
     max_message_size: usize,
-    query_duration: metrics::Histogram,
+    /// Request durations not yet added to [`m::QUERY_DURATION`].
+    durations: m::LocalHistogram,
+    /// When the local counts were last published.
+    published_at: Instant,
     bytes_up: metrics::Counter,
     bytes_down: metrics::Counter,
     /// Bytes relayed but not yet added to the shared counters (published in batches, so the
@@ -103,7 +107,8 @@ impl Tracker {
             frontend: Framer::default(),
             backend: Framer::default(),
             max_message_size,
-            query_duration: handles.query_duration.clone(),
+            durations: m::LocalHistogram::default(),
+            published_at: Instant::now(),
             bytes_up: handles.bytes_up.clone(),
             bytes_down: handles.bytes_down.clone(),
             unpublished_up: 0,
@@ -114,19 +119,21 @@ impl Tracker {
     pub(super) fn count_up(&mut self, n: usize) {
         self.unpublished_up += n as u64;
         if self.unpublished_up >= BYTES_BATCH {
-            self.publish_bytes();
+            self.publish();
         }
     }
 
     pub(super) fn count_down(&mut self, n: usize) {
         self.unpublished_down += n as u64;
         if self.unpublished_down >= BYTES_BATCH {
-            self.publish_bytes();
+            self.publish();
         }
     }
 
-    /// Adds the locally counted bytes to the shared counters.
-    pub fn publish_bytes(&mut self) {
+    /// Adds the locally counted bytes and request durations to the shared metrics.
+    pub fn publish(&mut self) {
+        self.published_at = Instant::now();
+        self.durations.publish(&m::QUERY_DURATION);
         self.bytes_up
             .increment(std::mem::take(&mut self.unpublished_up));
         self.bytes_down
@@ -342,8 +349,13 @@ impl Tracker {
         self.unanswered = self.unanswered.saturating_sub(1);
         if self.unanswered == 0 {
             self.in_flight = InFlight::default();
-            if let Some(t) = self.request_started.take() {
-                self.query_duration.record(t.elapsed().as_secs_f64());
+            if let Some(started) = self.request_started.take() {
+                let now = Instant::now();
+                self.durations
+                    .record(now.duration_since(started), &m::QUERY_DURATION);
+                if now.duration_since(self.published_at) >= m::PUBLISH_PERIOD {
+                    self.publish();
+                }
             }
         }
     }
