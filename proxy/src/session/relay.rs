@@ -6,16 +6,19 @@
 //! its own sockets, so a slow reader on one side never stalls the other direction.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::WriteHalf;
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::signals::{self, BoundaryWatch, Gate, Signal, SignalSet};
 use super::tracker::Tracker;
 use crate::error::SessionError;
 use crate::shutdown::Shutdown;
+use tokio_util::io::poll_read_buf;
 
 /// A pipe starts with room for this much: plenty for the requests and replies of most
 /// sessions, and cheap to set up for the short ones (connection churn).
@@ -111,6 +114,26 @@ impl Pipe {
         Ok(())
     }
 
+    /// Writes ready bytes that are waiting for room in the socket. `Pending` while some
+    /// still wait (or none did); `Ready(Ok)` once they are all written.
+    fn poll_flush(&mut self, cx: &mut Context<'_>, w: &mut WriteHalf<'_>) -> Poll<io::Result<()>> {
+        if self.ready == 0 {
+            return Poll::Pending;
+        }
+        while self.ready > 0 {
+            match Pin::new(&mut *w).poll_write(cx, &self.buf[..self.ready]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.advance(n);
+                    self.ready -= n;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Writes all ready bytes to a whole stream (when the backend is gone).
     pub async fn flush_all_to(&mut self, stream: &mut TcpStream) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
@@ -183,6 +206,57 @@ async fn pass_node_bytes(
     Ok(None)
 }
 
+/// What the relay's wait ended on.
+enum Woke {
+    /// A signal ran: what it raised is in the relay's [`SignalSet`].
+    Signal,
+    /// Ready bytes that had to wait for room in a socket are all written now.
+    Flushed,
+    ClientRead(io::Result<usize>),
+    NodeRead(io::Result<usize>),
+    NodeWriteFailed(io::Error),
+    ClientWriteFailed(io::Error),
+}
+
+/// Waits for the relay's next event, polling each source in turn: signals first, then
+/// writes of bytes that waited for room, then reads into a pipe that has nothing waiting.
+/// Only sources the relay can act on now are polled, and a pending poll leaves the task's
+/// waker with that source. One hand-written poll instead of a `select!` over read and write
+/// futures: the relay runs on every round trip, and this keeps its wake-up short.
+fn poll_next<F: std::future::Future>(
+    cx: &mut Context<'_>,
+    gate: &mut Gate<'_, F>,
+    [client_rd, backend_rd]: [&mut ReadHalf<'_>; 2],
+    [backend_wr, client_wr]: [&mut WriteHalf<'_>; 2],
+    up: &mut Pipe,
+    down: &mut Pipe,
+) -> Poll<Woke> {
+    if gate.poll_woken(cx).is_ready() {
+        return Poll::Ready(Woke::Signal);
+    }
+    match up.poll_flush(cx, backend_wr) {
+        Poll::Ready(Ok(())) => return Poll::Ready(Woke::Flushed),
+        Poll::Ready(Err(e)) => return Poll::Ready(Woke::NodeWriteFailed(e)),
+        Poll::Pending => {}
+    }
+    match down.poll_flush(cx, client_wr) {
+        Poll::Ready(Ok(())) => return Poll::Ready(Woke::Flushed),
+        Poll::Ready(Err(e)) => return Poll::Ready(Woke::ClientWriteFailed(e)),
+        Poll::Pending => {}
+    }
+    if up.ready == 0 {
+        if let Poll::Ready(r) = poll_read_buf(Pin::new(client_rd), cx, &mut up.buf) {
+            return Poll::Ready(Woke::ClientRead(r));
+        }
+    }
+    if down.ready == 0 {
+        if let Poll::Ready(r) = poll_read_buf(Pin::new(backend_rd), cx, &mut down.buf) {
+            return Poll::Ready(Woke::NodeRead(r));
+        }
+    }
+    Poll::Pending
+}
+
 /// Relays until one side ends, the client breaks the protocol, shutdown asks the session to
 /// close at its boundary, or `watch` asks it to stop at a boundary.
 pub async fn run(
@@ -193,8 +267,8 @@ pub async fn run(
     shutdown: &Shutdown,
     watch: BoundaryWatch<'_>,
 ) -> Result<RelayEnd, SessionError> {
-    let (mut client_rd, client_wr) = client.split();
-    let (mut backend_rd, backend_wr) = backend.split();
+    let (mut client_rd, mut client_wr) = client.split();
+    let (mut backend_rd, mut backend_wr) = backend.split();
     let Pipes { up, down } = pipes;
     let hold_requests = watch.hold_requests;
     let pooled = watch.pool.is_some();
@@ -250,11 +324,23 @@ pub async fn run(
         }
         up.make_room();
         down.make_room();
-        tokio::select! {
-            biased;
-            // Runs only when a signal woke the task; the checks above read what it raised.
-            _ = gate.woken() => {}
-            r = client_rd.read_buf(&mut up.buf), if up.ready == 0 => {
+        let woke = std::future::poll_fn(|cx| {
+            poll_next(
+                cx,
+                &mut gate,
+                [&mut client_rd, &mut backend_rd],
+                [&mut backend_wr, &mut client_wr],
+                up,
+                down,
+            )
+        })
+        .await;
+        match woke {
+            // A signal ran, or a stalled write finished: the checks above decide.
+            Woke::Signal | Woke::Flushed => {}
+            Woke::NodeWriteFailed(e) => return Ok(lost(e)),
+            Woke::ClientWriteFailed(e) => return Err(SessionError::ClientGone(e)),
+            Woke::ClientRead(r) => {
                 let n = r.map_err(SessionError::ClientGone)?;
                 if n == 0 {
                     return Ok(RelayEnd::ClientClosed);
@@ -269,9 +355,13 @@ pub async fn run(
                     return Ok(end);
                 }
             }
-            r = backend_rd.read_buf(&mut down.buf), if down.ready == 0 => {
+            Woke::NodeRead(r) => {
                 let n = match r {
-                    Ok(0) => return Ok(RelayEnd::BackendClosed("the node closed the connection".into())),
+                    Ok(0) => {
+                        return Ok(RelayEnd::BackendClosed(
+                            "the node closed the connection".into(),
+                        ))
+                    }
                     Ok(n) => n,
                     Err(e) => return Ok(lost(e)),
                 };
@@ -280,14 +370,6 @@ pub async fn run(
                 if let Some(end) = pass_node_bytes(t, down, &client_wr).await? {
                     return Ok(end);
                 }
-            }
-            r = backend_wr.writable(), if up.ready > 0 => {
-                if let Err(e) = r.and_then(|()| up.flush_now(&backend_wr)) {
-                    return Ok(lost(e));
-                }
-            }
-            r = client_wr.writable(), if down.ready > 0 => {
-                r.and_then(|()| down.flush_now(&client_wr)).map_err(SessionError::ClientGone)?;
             }
         }
     }

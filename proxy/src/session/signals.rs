@@ -197,6 +197,7 @@ impl<'a, F: Future> Gate<'a, F> {
     }
 
     /// Completes once the inner future ran after waking the task.
+    #[cfg(test)]
     pub async fn woken(&mut self) -> Option<F::Output> {
         std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }
