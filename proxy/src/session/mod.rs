@@ -34,6 +34,7 @@ mod migrate;
 mod relay;
 mod signals;
 mod startup;
+mod tap;
 mod tracker;
 
 use std::net::SocketAddr;

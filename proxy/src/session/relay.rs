@@ -15,6 +15,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::signals::{self, BoundaryWatch, Gate, Signal, SignalSet};
+use super::tap::Tap;
 use super::tracker::Tracker;
 use crate::error::SessionError;
 use crate::shutdown::Shutdown;
@@ -115,11 +116,8 @@ impl Pipe {
     }
 
     /// Writes ready bytes that are waiting for room in the socket. `Pending` while some
-    /// still wait (or none did); `Ready(Ok)` once they are all written.
+    /// still wait; `Ready(Ok)` once they are all written.
     fn poll_flush(&mut self, cx: &mut Context<'_>, w: &mut WriteHalf<'_>) -> Poll<io::Result<()>> {
-        if self.ready == 0 {
-            return Poll::Pending;
-        }
         while self.ready > 0 {
             match Pin::new(&mut *w).poll_write(cx, &self.buf[..self.ready]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -218,14 +216,23 @@ enum Woke {
     ClientWriteFailed(io::Error),
 }
 
-/// Waits for the relay's next event, polling each source in turn: signals first, then
-/// writes of bytes that waited for room, then reads into a pipe that has nothing waiting.
-/// Only sources the relay can act on now are polled, and a pending poll leaves the task's
-/// waker with that source. One hand-written poll instead of a `select!` over read and write
-/// futures: the relay runs on every round trip, and this keeps its wake-up short.
+/// One [`Tap`] per socket direction the relay waits on.
+#[derive(Default)]
+struct Taps {
+    client_read: Tap,
+    node_read: Tap,
+    client_write: Tap,
+    node_write: Tap,
+}
+
+/// Waits for the relay's next event: signals first, then writes of bytes that waited for room,
+/// then reads into a pipe that has nothing waiting. Each source is polled only when the relay
+/// can act on it now and its tap says it has something (see [`Tap`]): the relay runs twice per
+/// round trip, and polling the sources that did not wake it was most of its work.
 fn poll_next<F: std::future::Future>(
     cx: &mut Context<'_>,
     gate: &mut Gate<'_, F>,
+    taps: &mut Taps,
     [client_rd, backend_rd]: [&mut ReadHalf<'_>; 2],
     [backend_wr, client_wr]: [&mut WriteHalf<'_>; 2],
     up: &mut Pipe,
@@ -234,23 +241,26 @@ fn poll_next<F: std::future::Future>(
     if gate.poll_woken(cx).is_ready() {
         return Poll::Ready(Woke::Signal);
     }
-    match up.poll_flush(cx, backend_wr) {
-        Poll::Ready(Ok(())) => return Poll::Ready(Woke::Flushed),
-        Poll::Ready(Err(e)) => return Poll::Ready(Woke::NodeWriteFailed(e)),
-        Poll::Pending => {}
+    if up.ready > 0 {
+        if let Poll::Ready(r) = taps.node_write.poll(cx, |cx| up.poll_flush(cx, backend_wr)) {
+            return Poll::Ready(r.map_or_else(Woke::NodeWriteFailed, |()| Woke::Flushed));
+        }
     }
-    match down.poll_flush(cx, client_wr) {
-        Poll::Ready(Ok(())) => return Poll::Ready(Woke::Flushed),
-        Poll::Ready(Err(e)) => return Poll::Ready(Woke::ClientWriteFailed(e)),
-        Poll::Pending => {}
+    if down.ready > 0 {
+        if let Poll::Ready(r) = taps.client_write.poll(cx, |cx| down.poll_flush(cx, client_wr)) {
+            return Poll::Ready(r.map_or_else(Woke::ClientWriteFailed, |()| Woke::Flushed));
+        }
     }
     if up.ready == 0 {
-        if let Poll::Ready(r) = poll_read_buf(Pin::new(client_rd), cx, &mut up.buf) {
+        let read = |cx: &mut Context<'_>| poll_read_buf(Pin::new(&mut *client_rd), cx, &mut up.buf);
+        if let Poll::Ready(r) = taps.client_read.poll(cx, read) {
             return Poll::Ready(Woke::ClientRead(r));
         }
     }
     if down.ready == 0 {
-        if let Poll::Ready(r) = poll_read_buf(Pin::new(backend_rd), cx, &mut down.buf) {
+        let read =
+            |cx: &mut Context<'_>| poll_read_buf(Pin::new(&mut *backend_rd), cx, &mut down.buf);
+        if let Poll::Ready(r) = taps.node_read.poll(cx, read) {
             return Poll::Ready(Woke::NodeRead(r));
         }
     }
@@ -276,6 +286,7 @@ pub async fn run(
     let signals = signals::watch(shutdown, watch, &set);
     tokio::pin!(signals);
     let mut gate = Gate::new(signals.as_mut());
+    let mut taps = Taps::default();
     // Registers with every source and raises what has already happened.
     gate.poll_now().await;
 
@@ -328,6 +339,7 @@ pub async fn run(
             poll_next(
                 cx,
                 &mut gate,
+                &mut taps,
                 [&mut client_rd, &mut backend_rd],
                 [&mut backend_wr, &mut client_wr],
                 up,

@@ -11,12 +11,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
 
 use tokio::sync::watch as channel;
 
+use super::tap::Tap;
 use crate::pool::Pool;
 use crate::shutdown::Shutdown;
 
@@ -120,77 +120,36 @@ pub async fn watch(shutdown: &Shutdown, w: BoundaryWatch<'_>, set: &SignalSet) -
     }
 }
 
-/// Runs a future only when it woke the task, not whenever the task is polled.
-///
-/// The inner future gets a waker of the gate's own: waking it marks the gate and passes the
-/// wake-up on to the task. [`Gate::poll_woken`] polls the inner future only when it was marked
-/// (or on the first poll, or when the task's waker changed); otherwise it costs one load.
+/// Runs a future only when it woke the task, not whenever the task is polled: the future is
+/// polled through a [`Tap`].
 pub struct Gate<'a, F> {
     fut: Pin<&'a mut F>,
-    flag: Arc<WakeFlag>,
-    waker: Waker,
-    /// The task's waker the flag passes wake-ups to, as last given to it.
-    outer: Option<Waker>,
-}
-
-struct WakeFlag {
-    woken: AtomicBool,
-    outer: Mutex<Option<Waker>>,
-}
-
-impl Wake for WakeFlag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = outer.as_ref() {
-            w.wake_by_ref();
-        }
-    }
+    tap: Tap,
 }
 
 impl<'a, F: Future> Gate<'a, F> {
     pub fn new(fut: Pin<&'a mut F>) -> Self {
-        let flag = Arc::new(WakeFlag {
-            woken: AtomicBool::new(false),
-            outer: Mutex::new(None),
-        });
-        let waker = Waker::from(flag.clone());
         Gate {
             fut,
-            flag,
-            waker,
-            outer: None,
+            tap: Tap::default(),
         }
     }
 
     /// `Ready(Some(output))` if the inner future completed, `Ready(None)` if it ran and is
     /// still pending (look at what it changed), `Pending` if it had no reason to run.
     pub fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
-        let same_task = self.outer.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if same_task && !self.flag.woken.load(Ordering::Acquire) {
-            return Poll::Pending;
-        }
-        if !same_task {
-            let w = cx.waker().clone();
-            *self.flag.outer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
-            self.outer = Some(w);
-        }
-        self.flag.woken.store(false, Ordering::Release);
-        let mut inner = Context::from_waker(&self.waker);
-        match self.fut.as_mut().poll(&mut inner) {
-            Poll::Ready(out) => Poll::Ready(Some(out)),
-            Poll::Pending => Poll::Ready(None),
+        let fut = &mut self.fut;
+        match self.tap.run(cx, |inner| fut.as_mut().poll(inner)) {
+            None => Poll::Pending,
+            Some(Poll::Ready(out)) => Poll::Ready(Some(out)),
+            Some(Poll::Pending) => Poll::Ready(None),
         }
     }
 
     /// Runs the inner future now, whether it was woken or not (e.g. to register it).
     pub async fn poll_now(&mut self) -> Option<F::Output> {
         std::future::poll_fn(|cx| {
-            self.outer = None;
+            self.tap = Tap::default();
             self.poll_woken(cx)
         })
         .await
@@ -207,7 +166,9 @@ impl<'a, F: Future> Gate<'a, F> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Wake, Waker};
 
     /// A future's observer: counts its polls, keeps its last waker, decides when it is ready.
     #[derive(Default)]
