@@ -12,20 +12,21 @@
 //! holds no waker, so it must be polled again to register one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 /// One source's waker, and whether the source is due a poll.
+#[derive(Default)]
 pub struct Tap {
-    mark: Arc<Mark>,
-    waker: Waker,
-    /// The task's waker the mark passes wake-ups to, as last given to it.
-    outer: Option<Waker>,
+    /// Made at the first poll, and made anew if the task's waker changes (a new mark starts
+    /// due, so every source registers the new one).
+    mark: Option<(Arc<Mark>, Waker)>,
 }
 
+/// What a tap's waker does: mark the source due and wake the task.
 struct Mark {
     due: AtomicBool,
-    outer: Mutex<Option<Waker>>,
+    task: Waker,
 }
 
 impl Wake for Mark {
@@ -35,26 +36,7 @@ impl Wake for Mark {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.due.store(true, Ordering::Release);
-        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = outer.as_ref() {
-            w.wake_by_ref();
-        }
-    }
-}
-
-impl Default for Tap {
-    fn default() -> Self {
-        let mark = Arc::new(Mark {
-            // Due at first: the first poll registers the tap's waker with the source.
-            due: AtomicBool::new(true),
-            outer: Mutex::new(None),
-        });
-        let waker = Waker::from(mark.clone());
-        Tap {
-            mark,
-            waker,
-            outer: None,
-        }
+        self.task.wake_by_ref();
     }
 }
 
@@ -67,20 +49,23 @@ impl Tap {
         cx: &Context<'_>,
         f: impl FnOnce(&mut Context<'_>) -> T,
     ) -> Option<T> {
-        let same_task = self
-            .outer
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()));
-        if same_task && !self.mark.due.load(Ordering::Acquire) {
-            return None;
-        }
-        if !same_task {
-            let w = cx.waker().clone();
-            *self.mark.outer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
-            self.outer = Some(w);
-        }
-        self.mark.due.store(false, Ordering::Release);
-        Some(f(&mut Context::from_waker(&self.waker)))
+        let waker = match &self.mark {
+            Some((mark, waker)) if mark.task.will_wake(cx.waker()) => {
+                if !mark.due.swap(false, Ordering::AcqRel) {
+                    return None;
+                }
+                waker
+            }
+            _ => {
+                let mark = Arc::new(Mark {
+                    due: AtomicBool::new(false),
+                    task: cx.waker().clone(),
+                });
+                let waker = Waker::from(mark.clone());
+                &self.mark.insert((mark, waker)).1
+            }
+        };
+        Some(f(&mut Context::from_waker(waker)))
     }
 
     /// Polls a source through the tap: `Pending` without touching it unless it is due. A
@@ -92,7 +77,9 @@ impl Tap {
     ) -> Poll<T> {
         match self.run(cx, f) {
             Some(Poll::Ready(out)) => {
-                self.mark.due.store(true, Ordering::Release);
+                if let Some((mark, _)) = &self.mark {
+                    mark.due.store(true, Ordering::Release);
+                }
                 Poll::Ready(out)
             }
             Some(Poll::Pending) | None => Poll::Pending,
@@ -105,6 +92,7 @@ impl Tap {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
 
     /// A source that counts its polls, keeps the waker it was polled with, and answers when
     /// told to.

@@ -74,8 +74,8 @@ pub struct Tracker {
     max_message_size: usize,
     /// Request durations not yet added to [`m::QUERY_DURATION`].
     durations: m::LocalHistogram,
-    /// When the local counts were last published.
-    published_at: Instant,
+    /// When the local counts are next published, at the latest.
+    publish_by: Instant,
     bytes_up: metrics::Counter,
     bytes_down: metrics::Counter,
     /// Bytes relayed but not yet added to the shared counters (published in batches, so the
@@ -108,7 +108,7 @@ impl Tracker {
             backend: Framer::default(),
             max_message_size,
             durations: m::LocalHistogram::default(),
-            published_at: Instant::now(),
+            publish_by: Instant::now() + m::PUBLISH_PERIOD,
             bytes_up: handles.bytes_up.clone(),
             bytes_down: handles.bytes_down.clone(),
             unpublished_up: 0,
@@ -132,7 +132,7 @@ impl Tracker {
 
     /// Adds the locally counted bytes and request durations to the shared metrics.
     pub fn publish(&mut self) {
-        self.published_at = Instant::now();
+        self.publish_by = Instant::now() + m::PUBLISH_PERIOD;
         self.durations.publish(&m::QUERY_DURATION);
         self.bytes_up
             .increment(std::mem::take(&mut self.unpublished_up));
@@ -353,7 +353,7 @@ impl Tracker {
                 let now = Instant::now();
                 self.durations
                     .record(now.duration_since(started), &m::QUERY_DURATION);
-                if now.duration_since(self.published_at) >= m::PUBLISH_PERIOD {
+                if now >= self.publish_by {
                     self.publish();
                 }
             }
