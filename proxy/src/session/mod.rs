@@ -170,6 +170,7 @@ async fn run(
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+    let mode = config.pool_mode_of(user);
     let mut session = Session {
         ctx,
         config: config.clone(),
@@ -179,13 +180,16 @@ async fn run(
         params,
         backend_params,
         target,
-        mode: config.pool_mode_of(user),
+        mode,
         id: ctx.new_session_id(),
         cancel: ctx.cancels.register(),
         tracker: Tracker::new(
             Vec::new(),
             TxStatus::Idle,
             config.listener.max_message_size,
+            // Only a session whose connection goes back to a pool between transactions needs
+            // the hint that it may have bound state to it.
+            mode == PoolMode::Transaction,
             ctx.session_metrics(),
         ),
         pipes: Pipes::default(),

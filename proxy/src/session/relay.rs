@@ -156,48 +156,74 @@ fn lost(e: io::Error) -> RelayEnd {
     RelayEnd::BackendClosed(e.to_string())
 }
 
-/// Scans client bytes waiting in the up pipe and sends what may go now. `Some` when the
-/// client sent Terminate.
-async fn pass_client_bytes(
+/// Why passing bytes on stopped the relay; [`Stop::finish`] ends it.
+enum Stop {
+    /// The client sent Terminate: the bytes before it still go to the node.
+    ClientTerminated,
+    /// The node said it is going away (FATAL withheld): the bytes before it still go to the
+    /// client.
+    NodeLeaving,
+    /// Writing to the node failed.
+    NodeLost(io::Error),
+}
+
+impl Stop {
+    async fn finish(
+        self,
+        t: &Tracker,
+        up: &mut Pipe,
+        down: &mut Pipe,
+        client_wr: &WriteHalf<'_>,
+        backend_wr: &WriteHalf<'_>,
+    ) -> Result<RelayEnd, SessionError> {
+        match self {
+            Stop::ClientTerminated => Ok(match up.flush_all(backend_wr).await {
+                Ok(()) => RelayEnd::ClientTerminated,
+                Err(e) => lost(e),
+            }),
+            Stop::NodeLeaving => {
+                // Deliver everything before the withheld FATAL, drop it and whatever follows.
+                down.flush_all(client_wr)
+                    .await
+                    .map_err(SessionError::ClientGone)?;
+                down.buf.clear();
+                let why = t
+                    .node_shutting_down
+                    .clone()
+                    .unwrap_or_else(|| "the node is shutting down".into());
+                Ok(RelayEnd::BackendClosed(why))
+            }
+            Stop::NodeLost(e) => Ok(lost(e)),
+        }
+    }
+}
+
+/// Scans client bytes waiting in the up pipe and sends what the socket takes now, without
+/// waiting (the relay's poll writes the rest). Not async: it runs on every request.
+fn pass_client_bytes(
     t: &mut Tracker,
     up: &mut Pipe,
     backend_wr: &WriteHalf<'_>,
-) -> Result<Option<RelayEnd>, SessionError> {
+) -> Result<Option<Stop>, SessionError> {
     let scanned = t.scan_frontend(&up.buf)?;
     up.ready = scanned.forward;
     if scanned.stopped.is_some() {
-        if let Err(e) = up.flush_all(backend_wr).await {
-            return Ok(Some(lost(e)));
-        }
-        return Ok(Some(RelayEnd::ClientTerminated));
+        return Ok(Some(Stop::ClientTerminated));
     }
-    if let Err(e) = up.flush_now(backend_wr) {
-        return Ok(Some(lost(e)));
-    }
-    Ok(None)
+    Ok(up.flush_now(backend_wr).err().map(Stop::NodeLost))
 }
 
-/// Scans node bytes waiting in the down pipe and sends what may go now. `Some` when the
-/// node said it is going away.
-async fn pass_node_bytes(
+/// Scans node bytes waiting in the down pipe and sends what the socket takes now, without
+/// waiting. Not async: it runs on every reply.
+fn pass_node_bytes(
     t: &mut Tracker,
     down: &mut Pipe,
     client_wr: &WriteHalf<'_>,
-) -> Result<Option<RelayEnd>, SessionError> {
+) -> Result<Option<Stop>, SessionError> {
     let scanned = t.scan_backend(&down.buf);
     down.ready = scanned.forward;
-    if let Some(len) = scanned.stopped {
-        // Deliver everything before the withheld FATAL, drop it and whatever follows.
-        down.flush_all(client_wr)
-            .await
-            .map_err(SessionError::ClientGone)?;
-        let _ = len;
-        down.buf.clear();
-        let why = t
-            .node_shutting_down
-            .clone()
-            .unwrap_or_else(|| "the node is shutting down".into());
-        return Ok(Some(RelayEnd::BackendClosed(why)));
+    if scanned.stopped.is_some() {
+        return Ok(Some(Stop::NodeLeaving));
     }
     down.flush_now(client_wr)
         .map_err(SessionError::ClientGone)?;
@@ -302,13 +328,13 @@ pub async fn run(
 
     // Bytes left from before (the client's next request, or the node's after a hand-over).
     if !down.buf.is_empty() && down.ready == 0 {
-        if let Some(end) = pass_node_bytes(t, down, &client_wr).await? {
-            return Ok(end);
+        if let Some(stop) = pass_node_bytes(t, down, &client_wr)? {
+            return stop.finish(t, up, down, &client_wr, &backend_wr).await;
         }
     }
     if !up.buf.is_empty() && up.ready == 0 && !holding(t) {
-        if let Some(end) = pass_client_bytes(t, up, &backend_wr).await? {
-            return Ok(end);
+        if let Some(stop) = pass_client_bytes(t, up, &backend_wr)? {
+            return stop.finish(t, up, down, &client_wr, &backend_wr).await;
         }
     }
     loop {
@@ -363,8 +389,8 @@ pub async fn run(
                     // Decided at the top of the loop: these bytes wait in the pipe.
                     continue;
                 }
-                if let Some(end) = pass_client_bytes(t, up, &backend_wr).await? {
-                    return Ok(end);
+                if let Some(stop) = pass_client_bytes(t, up, &backend_wr)? {
+                    return stop.finish(t, up, down, &client_wr, &backend_wr).await;
                 }
             }
             Woke::NodeRead(r) => {
@@ -379,8 +405,8 @@ pub async fn run(
                 };
                 t.count_down(n);
                 down.after_read();
-                if let Some(end) = pass_node_bytes(t, down, &client_wr).await? {
-                    return Ok(end);
+                if let Some(stop) = pass_node_bytes(t, down, &client_wr)? {
+                    return stop.finish(t, up, down, &client_wr, &backend_wr).await;
                 }
             }
         }

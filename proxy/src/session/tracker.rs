@@ -60,6 +60,9 @@ pub struct Tracker {
     /// A statement that may create state bound to the backend connection ran (see
     /// [`Command::SessionState`]); transaction mode looks before giving the connection back.
     pub maybe_pinned: bool,
+    /// Statement text is searched for session advisory locks (for `maybe_pinned`); only
+    /// transaction mode needs it.
+    watch_pins: bool,
     /// The latest value of every parameter the node reported.
     pub parameters: Vec<(String, String)>,
     /// Named protocol-level prepared statements the client defined.
@@ -89,6 +92,7 @@ impl Tracker {
         parameters: Vec<(String, String)>,
         status: TxStatus,
         max_message_size: usize,
+        watch_pins: bool,
         handles: &m::SessionMetrics,
     ) -> Self {
         Tracker {
@@ -99,6 +103,7 @@ impl Tracker {
             in_copy: false,
             settings_dirty: false,
             maybe_pinned: false,
+            watch_pins,
             parameters,
             statements: Statements::default(),
             node_said_fatal: false,
@@ -199,7 +204,7 @@ impl Tracker {
         let (name, rest) = read_cstr(&msg[HEADER_LEN..]).ok_or_else(bad)?;
         let command = leading_command(rest);
         self.note_command(command);
-        if mentions_session_advisory_lock(rest) {
+        if self.watch_pins && mentions_session_advisory_lock(rest) {
             self.maybe_pinned = true;
         }
         if !name.is_empty() {
@@ -243,7 +248,7 @@ impl Tracker {
                     b'X' | b'P' | b'C' => Handling::Inspect,
                     b'Q' => {
                         this.note_command(leading_command(body));
-                        if mentions_session_advisory_lock(body) {
+                        if this.watch_pins && mentions_session_advisory_lock(body) {
                             this.maybe_pinned = true;
                         }
                         this.request();
