@@ -245,16 +245,20 @@ impl Drop for PoolSlot {
     }
 }
 
-/// Every pool of one graywire.
+/// Every pool of one graywire, by key. Looked up once per client connection, with a key of a
+/// dozen strings, so hashed with foldhash (seeded at random per process) rather than SipHash.
 #[derive(Default)]
 pub struct Pools {
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>, foldhash::fast::RandomState>>,
 }
 
 impl Pools {
     /// The pool for `key`, made with `size` connections if new.
     pub fn pool(&self, key: &PoolKey, size: usize) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get(key) {
+            return pool.clone();
+        }
         pools
             .entry(key.clone())
             .or_insert_with(|| {

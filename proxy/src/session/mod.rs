@@ -745,16 +745,18 @@ impl Session<'_> {
         if leased.reused {
             // A pooled connection: its parameters, as of now (after a reset if needed).
             let conn = self.set_up(leased, false).await?;
+            let mut conn = conn;
             for (k, v) in &conn.conn.parameters {
                 message::parameter_status(&mut greeting, k, v);
             }
-            self.tracker.parameters.clone_from(&conn.conn.parameters);
+            // The session's copy is the live one from now on; `release` hands it back.
+            self.tracker.parameters = std::mem::take(&mut conn.conn.parameters);
             self.attached = Some(conn);
         } else {
             let mut conn = self.set_up(leased, false).await?;
             greeting.extend_from_slice(&conn.conn.greeting);
             conn.conn.greeting = bytes::Bytes::new();
-            self.tracker.parameters.clone_from(&conn.conn.parameters);
+            self.tracker.parameters = std::mem::take(&mut conn.conn.parameters);
             self.attached = Some(conn);
         }
         let key = self.cancel.key();
