@@ -115,10 +115,25 @@ pub fn authentication_sasl_final(out: &mut BytesMut, data: &[u8]) {
 }
 
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
-    put_message(out, b'S', |b| {
-        put_cstr(b, name);
-        put_cstr(b, value);
-    });
+    // A greeting holds a dozen of these per client connection: the common case (no NUL) is
+    // written with one reservation.
+    let has_nul = |s: &str| s.bytes().any(|b| b == 0);
+    if has_nul(name) || has_nul(value) {
+        put_message(out, b'S', |b| {
+            put_cstr(b, name);
+            put_cstr(b, value);
+        });
+        return;
+    }
+    let (name, value) = (name.as_bytes(), value.as_bytes());
+    let len = 4 + name.len() + 1 + value.len() + 1;
+    out.reserve(1 + len);
+    out.put_u8(b'S');
+    out.put_u32(len as u32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(value);
+    out.put_u8(0);
 }
 
 pub fn backend_key_data(out: &mut BytesMut, pid: u32, secret: u32) {
