@@ -426,7 +426,7 @@ mod tests {
         local.record(Duration::from_micros(101), &shared);
         local.record(Duration::from_millis(3), &shared);
         local.record(Duration::from_secs(100), &shared); // above every bound
-        // Nothing is shared before the batch is published.
+                                                         // Nothing is shared before the batch is published.
         assert!(rendered(&shared).contains("test_seconds_count 0\n"));
         local.publish(&shared);
         let text = rendered(&shared);
@@ -461,6 +461,9 @@ mod tests {
             text.contains(&format!("test_seconds_count {}\n", LocalHistogram::BATCH)),
             "{text}"
         );
-        assert!(text.contains("test_seconds_bucket{le=\"0.001\"} 64\n"), "{text}");
+        assert!(
+            text.contains("test_seconds_bucket{le=\"0.001\"} 64\n"),
+            "{text}"
+        );
     }
 }

@@ -89,7 +89,10 @@ async fn admin_endpoints_answer_and_metrics_are_exported() {
         .find_map(|l| l.strip_prefix("graywire_query_duration_seconds_count "))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no query duration count in:\n{body}"));
-    assert!(count >= 2, "the open session's requests are not counted:\n{body}");
+    assert!(
+        count >= 2,
+        "the open session's requests are not counted:\n{body}"
+    );
 
     let (status, body) = proxy.admin_get("/v1/nope").await;
     assert_eq!(status, 404);

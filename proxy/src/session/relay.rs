@@ -273,7 +273,10 @@ fn poll_next<F: std::future::Future>(
         }
     }
     if down.ready > 0 {
-        if let Poll::Ready(r) = taps.client_write.poll(cx, |cx| down.poll_flush(cx, client_wr)) {
+        if let Poll::Ready(r) = taps
+            .client_write
+            .poll(cx, |cx| down.poll_flush(cx, client_wr))
+        {
             return Poll::Ready(r.map_or_else(Woke::ClientWriteFailed, |()| Woke::Flushed));
         }
     }

@@ -44,11 +44,7 @@ impl Tap {
     /// Runs `f` with the tap's waker if the source is due a poll (or the task's waker changed
     /// since the last time), and clears the mark first, so a wake-up during `f` marks it again.
     /// `None` if the source had no reason to be polled.
-    pub fn run<T>(
-        &mut self,
-        cx: &Context<'_>,
-        f: impl FnOnce(&mut Context<'_>) -> T,
-    ) -> Option<T> {
+    pub fn run<T>(&mut self, cx: &Context<'_>, f: impl FnOnce(&mut Context<'_>) -> T) -> Option<T> {
         let waker = match &self.mark {
             Some((mark, waker)) if mark.task.will_wake(cx.waker()) => {
                 if !mark.due.swap(false, Ordering::AcqRel) {
