@@ -27,7 +27,8 @@ Environment (defaults in brackets):
   CLIENTS        pgbench clients [4]
   TRANSACTIONS   transactions per client (churn: connections per client) [500; churn 150]
   GRAYWIRE_BIN   graywire binary [cargo build --release -p graywire]
-  PGBOUNCER_BIN  pgbouncer binary [pgbouncer on PATH; left out if missing]
+  PGBOUNCER_BIN  pgbouncer binary, or none to measure graywire only [pgbouncer on PATH;
+                 none if missing]
   PG_BINDIR      PostgreSQL bin directory [pg_config --bindir, else newest /usr/lib/postgresql/*/bin]
   KEEP_TMP       1: keep the temporary directory (configs, logs, callgrind files) [0]
 Needs valgrind (apt-get install valgrind).
@@ -68,8 +69,13 @@ if [[ -z ${PG_BINDIR:-} ]]; then
 fi
 [[ -n $PG_BINDIR && -x $PG_BINDIR/initdb && -x $PG_BINDIR/pgbench ]] ||
     die "PostgreSQL server binaries not found (install postgresql, or set PG_BINDIR)"
-PGBOUNCER_BIN=${PGBOUNCER_BIN:-$(command -v pgbouncer || true)}
-[[ -n $PGBOUNCER_BIN ]] || log "pgbouncer not found: only graywire is measured"
+PGBOUNCER_BIN=${PGBOUNCER_BIN:-$(command -v pgbouncer || echo none)}
+if [[ $PGBOUNCER_BIN == none ]]; then
+    log "no pgbouncer: only graywire is measured"
+    PGBOUNCER_BIN=
+elif [[ ! -x $PGBOUNCER_BIN ]]; then
+    die "PGBOUNCER_BIN '$PGBOUNCER_BIN' is not an executable (or set PGBOUNCER_BIN=none)"
+fi
 
 if [[ -z ${GRAYWIRE_BIN:-} ]]; then
     log "building graywire (cargo build --release -p graywire)"
