@@ -38,9 +38,39 @@ pub struct BackendConn {
     /// `DISCARD ALL` was sent when the last session on this connection ended; its reply is
     /// still to be read (by the next session's set-up, so the reset costs nobody a wait).
     pub reset_sent: bool,
+    /// ParameterStatus messages encoded for a greeting, with the parameters they encode.
+    greeting_cache: Option<Box<GreetingCache>>,
+}
+
+/// See [`BackendConn::parameter_messages`].
+struct GreetingCache {
+    parameters: Vec<(String, String)>,
+    messages: Bytes,
 }
 
 impl BackendConn {
+    /// Appends one ParameterStatus message per parameter, for the greeting of a session that
+    /// takes this pooled connection. The encoding is kept with the parameters it encodes and
+    /// used again while they are equal: sessions that come and go on one connection (churn)
+    /// compare a dozen strings instead of encoding a dozen messages.
+    pub fn parameter_messages(&mut self, out: &mut BytesMut) {
+        if let Some(cache) = &self.greeting_cache {
+            if cache.parameters == self.parameters {
+                out.extend_from_slice(&cache.messages);
+                return;
+            }
+        }
+        let mut messages = BytesMut::with_capacity(32 * self.parameters.len());
+        for (k, v) in &self.parameters {
+            crate::protocol::message::parameter_status(&mut messages, k, v);
+        }
+        out.extend_from_slice(&messages);
+        self.greeting_cache = Some(Box::new(GreetingCache {
+            parameters: self.parameters.clone(),
+            messages: messages.freeze(),
+        }));
+    }
+
     pub fn cancel_target(&self) -> CancelTarget {
         CancelTarget {
             host: self.host.clone(),
@@ -219,6 +249,7 @@ async fn connect_inner(
                     status,
                     leftover: std::mem::take(&mut buf),
                     reset_sent: false,
+                    greeting_cache: None,
                 });
             }
             Message::ErrorResponse(body) => {
@@ -414,9 +445,74 @@ pub async fn terminate(mut stream: TcpStream) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::Secret;
+
+    /// A connection to a loopback listener, with the given parameters.
+    async fn conn_with(parameters: &[(&str, &str)]) -> (BackendConn, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let conn = BackendConn {
+            stream,
+            node: NodeName::new("pg0"),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            key: CancelKey { pid: 1, secret: 2 },
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            greeting: Bytes::new(),
+            status: TxStatus::Idle,
+            leftover: BytesMut::new(),
+            reset_sent: false,
+            greeting_cache: None,
+        };
+        (conn, listener)
+    }
+
+    fn encoded(parameters: &[(&str, &str)]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (k, v) in parameters {
+            crate::protocol::message::parameter_status(&mut out, k, v);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn greeting_messages_follow_every_change_of_the_parameters() {
+        let first = [("application_name", "a"), ("DateStyle", "ISO, MDY")];
+        let (mut conn, _listener) = conn_with(&first).await;
+        for _ in 0..2 {
+            let mut out = BytesMut::from(&b"R"[..]);
+            conn.parameter_messages(&mut out);
+            assert_eq!(&out[1..], &encoded(&first)[..]);
+            assert_eq!(out[0], b'R', "appended, not replaced");
+        }
+        // A session changed a value (same length), then another added one.
+        conn.parameters[0].1 = "b".into();
+        let mut out = BytesMut::new();
+        conn.parameter_messages(&mut out);
+        assert_eq!(
+            out,
+            encoded(&[("application_name", "b"), ("DateStyle", "ISO, MDY")])
+        );
+        conn.parameters.push(("TimeZone".into(), "UTC".into()));
+        let mut out = BytesMut::new();
+        conn.parameter_messages(&mut out);
+        assert_eq!(
+            out,
+            encoded(&[
+                ("application_name", "b"),
+                ("DateStyle", "ISO, MDY"),
+                ("TimeZone", "UTC")
+            ])
+        );
+    }
 
     #[test]
     fn startup_params_use_graywire_user_and_keep_the_rest() {

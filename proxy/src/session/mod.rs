@@ -746,9 +746,7 @@ impl Session<'_> {
             // A pooled connection: its parameters, as of now (after a reset if needed).
             let conn = self.set_up(leased, false).await?;
             let mut conn = conn;
-            for (k, v) in &conn.conn.parameters {
-                message::parameter_status(&mut greeting, k, v);
-            }
+            conn.conn.parameter_messages(&mut greeting);
             // The session's copy is the live one from now on; `release` hands it back.
             self.tracker.parameters = std::mem::take(&mut conn.conn.parameters);
             self.attached = Some(conn);
