@@ -113,16 +113,32 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Loopback ports outside the kernel's ephemeral range (an outgoing connection's local port, or
+# one in TIME_WAIT, would make a bind fail), not in /proc/net/tcp, not handed out before.
+PORT_LO=20000
+PORT_HI=60999
+if read -r eph_lo eph_hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null; then
+    if ((eph_lo > 12000)); then
+        PORT_LO=10000; PORT_HI=$((eph_lo - 1))
+    elif ((eph_hi < 63000)); then
+        PORT_LO=$((eph_hi + 1)); PORT_HI=65000
+    fi
+fi
+USED_PORTS=" "
 free_port() {
     local p
-    for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    for _ in $(seq 500); do
+        p=$((PORT_LO + (RANDOM * 32768 + RANDOM) % (PORT_HI - PORT_LO + 1)))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        grep -qs -- "$(printf ':%04X ' "$p")" /proc/net/tcp /proc/net/tcp6 && continue
+        USED_PORTS+="$p "
+        printf -v "$1" '%s' "$p"
+        return 0
     done
-    die "no free port found"
+    die "no free loopback port found"
 }
 
-PG_PORT=$(free_port)
+free_port PG_PORT
 log "PostgreSQL ($PG_BINDIR) on 127.0.0.1:$PG_PORT"
 "${RUN_AS[@]}" "$PG_BINDIR/initdb" -D "$TMP/data" -U postgres --auth=trust >"$TMP/initdb.log" 2>&1 ||
     { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
@@ -139,8 +155,8 @@ PG_STARTED=1
 "$PG_BINDIR/pgbench" -i -q -s 1 -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$TMP/init.log" 2>&1 ||
     { cat "$TMP/init.log" >&2; die "pgbench -i failed"; }
 
-GW_PORT=$(free_port)
-GW_ADMIN_PORT=$(free_port)
+free_port GW_PORT
+free_port GW_ADMIN_PORT
 cat >"$TMP/graywire.toml" <<EOF
 [listener]
 address = "127.0.0.1:$GW_PORT"
@@ -168,7 +184,7 @@ name = "pg1"
 host = "127.0.0.1"
 port = $PG_PORT
 EOF
-PB_PORT=$(free_port)
+free_port PB_PORT
 cat >"$TMP/pgbouncer.ini" <<EOF
 [databases]
 postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres user=postgres
