@@ -22,51 +22,56 @@ pub enum Command {
 }
 
 /// Classifies statement text (possibly cut short) by its first words.
+///
+/// Runs for every Query and Parse, so the first word picks its candidates by length and first
+/// letter before any word is compared: `SELECT`, `INSERT`, `UPDATE` and the like compare
+/// nothing.
 pub fn leading_command(text: &[u8]) -> Command {
-    let mut words = Words {
-        rest: skip_blanks(text),
-    };
+    let mut words = Words { rest: text };
     let Some(first) = words.next() else {
         return Command::Other;
     };
     let is = |w: &[u8], kw: &str| w.eq_ignore_ascii_case(kw.as_bytes());
-    if is(first, "set") {
-        match words.next() {
+    match (first.len(), first[0].to_ascii_lowercase()) {
+        (3, b's') if is(first, "set") => match words.next() {
             Some(w) if is(w, "local") || is(w, "transaction") || is(w, "constraints") => {
                 Command::Other
             }
             _ => Command::SessionSetting,
-        }
-    } else if is(first, "reset") {
-        Command::SessionSetting
-    } else if is(first, "commit") || is(first, "end") {
-        Command::Commit
-    } else if is(first, "prepare") {
-        match words.next() {
+        },
+        (5, b'r') if is(first, "reset") => Command::SessionSetting,
+        (6, b'c') if is(first, "commit") => Command::Commit,
+        (3, b'e') if is(first, "end") => Command::Commit,
+        (7, b'p') if is(first, "prepare") => match words.next() {
             Some(w) if is(w, "transaction") => Command::Commit,
             _ => Command::SessionState,
+        },
+        (6, b'l') if is(first, "listen") => Command::SessionState,
+        (7, b'd') if is(first, "declare") => Command::SessionState,
+        (6, b'c') if is(first, "create") => {
+            let mut next = words.next();
+            if next.is_some_and(|w| is(w, "global") || is(w, "local")) {
+                next = words.next();
+            }
+            match next {
+                Some(w) if is(w, "temp") || is(w, "temporary") => Command::SessionState,
+                _ => Command::Other,
+            }
         }
-    } else if is(first, "listen") || is(first, "declare") {
-        Command::SessionState
-    } else if is(first, "create") {
-        let mut next = words.next();
-        if next.is_some_and(|w| is(w, "global") || is(w, "local")) {
-            next = words.next();
-        }
-        match next {
-            Some(w) if is(w, "temp") || is(w, "temporary") => Command::SessionState,
-            _ => Command::Other,
-        }
-    } else if is(first, "rollback") || is(first, "abort") {
-        match words.next() {
-            // ROLLBACK PREPARED ends another, prepared transaction: an ordinary statement.
-            Some(w) if is(w, "prepared") => Command::Other,
-            _ => Command::Rollback,
-        }
-    } else if is(first, "discard") || is(first, "deallocate") {
-        Command::Discard
-    } else {
-        Command::Other
+        (8, b'r') if is(first, "rollback") => rollback_or_not(words.next()),
+        (5, b'a') if is(first, "abort") => rollback_or_not(words.next()),
+        (7, b'd') if is(first, "discard") => Command::Discard,
+        (10, b'd') if is(first, "deallocate") => Command::Discard,
+        _ => Command::Other,
+    }
+}
+
+/// `ROLLBACK`/`ABORT`, unless followed by `PREPARED`: ROLLBACK PREPARED ends another,
+/// prepared transaction, so it is an ordinary statement.
+fn rollback_or_not(next: Option<&[u8]>) -> Command {
+    match next {
+        Some(w) if w.eq_ignore_ascii_case(b"prepared") => Command::Other,
+        _ => Command::Rollback,
     }
 }
 
@@ -209,6 +214,77 @@ mod tests {
         assert!(!mentions_session_advisory_lock(b"advisory_lock(1)"));
         assert!(!mentions_session_advisory_lock(b"SELECT pg_advisory_loc"));
         assert!(mentions_session_advisory_lock(b"pg_advisory_lock"));
+    }
+
+    /// The classification spelled out keyword by keyword, as the reference for the dispatching
+    /// one.
+    fn leading_command_by_definition(text: &[u8]) -> Command {
+        let mut words = Words { rest: text };
+        let Some(first) = words.next() else {
+            return Command::Other;
+        };
+        let is = |w: &[u8], kw: &str| w.eq_ignore_ascii_case(kw.as_bytes());
+        if is(first, "set") {
+            match words.next() {
+                Some(w) if is(w, "local") || is(w, "transaction") || is(w, "constraints") => {
+                    Command::Other
+                }
+                _ => Command::SessionSetting,
+            }
+        } else if is(first, "reset") {
+            Command::SessionSetting
+        } else if is(first, "commit") || is(first, "end") {
+            Command::Commit
+        } else if is(first, "prepare") {
+            match words.next() {
+                Some(w) if is(w, "transaction") => Command::Commit,
+                _ => Command::SessionState,
+            }
+        } else if is(first, "listen") || is(first, "declare") {
+            Command::SessionState
+        } else if is(first, "create") {
+            let mut next = words.next();
+            if next.is_some_and(|w| is(w, "global") || is(w, "local")) {
+                next = words.next();
+            }
+            match next {
+                Some(w) if is(w, "temp") || is(w, "temporary") => Command::SessionState,
+                _ => Command::Other,
+            }
+        } else if is(first, "rollback") || is(first, "abort") {
+            match words.next() {
+                Some(w) if is(w, "prepared") => Command::Other,
+                _ => Command::Rollback,
+            }
+        } else if is(first, "discard") || is(first, "deallocate") {
+            Command::Discard
+        } else {
+            Command::Other
+        }
+    }
+
+    proptest::proptest! {
+        /// The dispatch on length and first letter classifies as the keyword chain does.
+        #[test]
+        fn leading_command_matches_its_definition(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "set", "SET", "reset", "commit", "end", "End", "prepare", "transaction",
+                    "listen", "declare", "create", "global", "local", "temp", "TEMPORARY",
+                    "rollback", "abort", "prepared", "discard", "deallocate", "select", "s",
+                    "e", "d", "settle", "ends", "commits", "x", " ", "  ", "\n", "-- c\n",
+                    "/* c */", ";", "(", "_", "1",
+                ]),
+                0..6,
+            )
+        ) {
+            let text = parts.concat();
+            proptest::prop_assert_eq!(
+                leading_command(text.as_bytes()),
+                leading_command_by_definition(text.as_bytes()),
+                "{:?}", text
+            );
+        }
     }
 
     proptest::proptest! {
