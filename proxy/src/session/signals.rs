@@ -71,8 +71,7 @@ impl SignalSet {
 /// with every source and raises what has already happened (a change not yet seen, a pool that
 /// is already wanted, a shutdown under way).
 pub async fn watch(shutdown: &Shutdown, w: BoundaryWatch<'_>, set: &SignalSet) -> Infallible {
-    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
-    let recheck_enabled = w.recheck_at.is_some();
+    let recheck_at = w.recheck_at;
     let pool = w.pool;
     let wanted = async {
         match pool {
@@ -92,7 +91,13 @@ pub async fn watch(shutdown: &Shutdown, w: BoundaryWatch<'_>, set: &SignalSet) -
     let hard = shutdown.hard.cancelled();
     let change = w.changes.changed();
     let evicted = w.evictions.changed();
-    let recheck = tokio::time::sleep_until(w.recheck_at.unwrap_or(far));
+    // No timer at all unless a recheck is due (most relays have none).
+    let recheck = async {
+        match recheck_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(soft, hard, change, evicted, recheck, wanted);
     let mut evictions_open = true;
     loop {
@@ -112,7 +117,7 @@ pub async fn watch(shutdown: &Shutdown, w: BoundaryWatch<'_>, set: &SignalSet) -
             _ = &mut wanted, if pool.is_some() && !set.has(Signal::Wanted) => {
                 set.raise(Signal::Wanted)
             }
-            _ = &mut recheck, if recheck_enabled && !set.has(Signal::RecheckDue) => {
+            _ = &mut recheck, if recheck_at.is_some() && !set.has(Signal::RecheckDue) => {
                 set.raise(Signal::RecheckDue)
             }
             else => std::future::pending::<()>().await,
