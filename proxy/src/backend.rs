@@ -2,6 +2,7 @@
 //! parameters, authenticate with graywire's own credentials (SCRAM-SHA-256, md5 or cleartext),
 //! and collect what the node says before its first ReadyForQuery.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -24,7 +25,8 @@ use crate::topology::NodeName;
 pub struct BackendConn {
     pub stream: TcpStream,
     pub node: NodeName,
-    pub host: String,
+    /// The node's host, shared with the session's cancel target.
+    pub host: Arc<str>,
     pub port: u16,
     /// The node's own key for this connection.
     pub key: CancelKey,
@@ -241,7 +243,7 @@ async fn connect_inner(
                 return Ok(BackendConn {
                     stream,
                     node: node.name.clone(),
-                    host: node.host.clone(),
+                    host: Arc::from(node.host.as_str()),
                     port: node.port,
                     key,
                     parameters,

@@ -3,10 +3,9 @@
 //! so a cancel reaches the right process even after the session moved.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -17,7 +16,8 @@ use crate::protocol::startup::CancelKey;
 /// Where a session's current query runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub host: String,
+    /// Shared with the backend connection (a lease clones a pointer, not the name).
+    pub host: Arc<str>,
     pub port: u16,
     pub key: CancelKey,
 }
@@ -37,8 +37,22 @@ pub enum CancelOutcome {
 
 struct Entry {
     secret: u32,
-    target: Arc<ArcSwapOption<CancelTarget>>,
-    hold: Arc<HoldSignal>,
+    shared: Arc<Shared>,
+}
+
+/// What a session and the registry share: one allocation per session.
+#[derive(Default)]
+struct Shared {
+    /// Written at every lease and release, read only by a CancelRequest: a plain lock costs
+    /// less than an `ArcSwap` store (which pays every thread's outstanding read debts).
+    target: Mutex<Option<CancelTarget>>,
+    hold: HoldSignal,
+}
+
+impl Shared {
+    fn target(&self) -> MutexGuard<'_, Option<CancelTarget>> {
+        self.target.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Lets a CancelRequest reach a session whose request is held (it has no backend to cancel).
@@ -68,8 +82,7 @@ impl Default for CancelRegistry {
 pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     key: CancelKey,
-    target: Arc<ArcSwapOption<CancelTarget>>,
-    hold: Arc<HoldSignal>,
+    shared: Arc<Shared>,
 }
 
 impl CancelHandle {
@@ -80,16 +93,16 @@ impl CancelHandle {
 
     /// Points cancels at the session's current backend (or at nothing).
     pub fn set_target(&self, target: Option<CancelTarget>) {
-        self.target.store(target.map(Arc::new));
+        *self.shared.target() = target;
     }
 
-    pub fn target(&self) -> Option<Arc<CancelTarget>> {
-        self.target.load_full()
+    pub fn target(&self) -> Option<CancelTarget> {
+        self.shared.target().clone()
     }
 
     /// What ends the session's held request when the client cancels it.
     pub fn hold_signal(&self) -> HoldCancel {
-        HoldCancel(self.hold.clone())
+        HoldCancel(self.shared.clone())
     }
 
     /// See [`HoldCancel::cancellable`].
@@ -100,13 +113,13 @@ impl CancelHandle {
 
 /// A session's held-request signal, apart from its handle (so the session can hold while it
 /// changes itself).
-pub struct HoldCancel(Arc<HoldSignal>);
+pub struct HoldCancel(Arc<Shared>);
 
 impl HoldCancel {
     /// Runs `held` (a request waiting for a node) until it finishes or the client cancels it;
     /// `None` when cancelled.
     pub async fn cancellable<T>(&self, held: impl std::future::Future<Output = T>) -> Option<T> {
-        let hold = &self.0;
+        let hold = &self.0.hold;
         let cancelled = hold.cancelled.notified();
         tokio::pin!(cancelled);
         cancelled.as_mut().enable();
@@ -129,8 +142,7 @@ impl Drop for CancelHandle {
 impl CancelRegistry {
     /// Allocates a key no live session holds.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let target = Arc::new(ArcSwapOption::empty());
-        let hold = Arc::new(HoldSignal::default());
+        let shared = Arc::new(Shared::default());
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
             if pid == 0 {
@@ -140,14 +152,12 @@ impl CancelRegistry {
             if let dashmap::Entry::Vacant(v) = self.sessions.entry(pid) {
                 v.insert(Entry {
                     secret,
-                    target: target.clone(),
-                    hold: hold.clone(),
+                    shared: shared.clone(),
                 });
                 return CancelHandle {
                     registry: self.clone(),
                     key: CancelKey { pid, secret },
-                    target,
-                    hold,
+                    shared,
                 };
             }
         }
@@ -161,7 +171,7 @@ impl CancelRegistry {
         self.sessions.is_empty()
     }
 
-    fn lookup(&self, key: CancelKey) -> Result<Option<Arc<CancelTarget>>, CancelOutcome> {
+    fn lookup(&self, key: CancelKey) -> Result<Option<CancelTarget>, CancelOutcome> {
         let entry = self
             .sessions
             .get(&key.pid)
@@ -170,11 +180,13 @@ impl CancelRegistry {
             return Err(CancelOutcome::UnknownKey);
         }
         // A held request runs nowhere yet, even if the session keeps a backend connection.
-        if entry.hold.holding.load(Ordering::Acquire) {
-            entry.hold.cancelled.notify_waiters();
+        let hold = &entry.shared.hold;
+        if hold.holding.load(Ordering::Acquire) {
+            hold.cancelled.notify_waiters();
             return Err(CancelOutcome::HeldCancelled);
         }
-        Ok(entry.target.load_full())
+        let target = entry.shared.target().clone();
+        Ok(target)
     }
 
     /// Forwards a client's CancelRequest to the backend running that session's query, or
@@ -199,7 +211,7 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
     packet[8..12].copy_from_slice(&target.key.pid.to_be_bytes());
     packet[12..16].copy_from_slice(&target.key.secret.to_be_bytes());
     let attempt = async {
-        let mut s = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        let mut s = TcpStream::connect((&*target.host, target.port)).await?;
         s.write_all(&packet).await?;
         s.shutdown().await
     };
