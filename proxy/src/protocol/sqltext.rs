@@ -117,13 +117,29 @@ struct Words<'a> {
     rest: &'a [u8],
 }
 
+/// The bytes a word is made of (ASCII letters, digits, `_`), as a table: one load per byte.
+const WORD_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 impl<'a> Iterator for Words<'a> {
     type Item = &'a [u8];
     fn next(&mut self) -> Option<&'a [u8]> {
-        let s = skip_blanks(self.rest);
+        // Most statements start with their first word: no blanks or comments to skip.
+        let s = match self.rest.first() {
+            Some(&b) if WORD_BYTE[usize::from(b)] => self.rest,
+            _ => skip_blanks(self.rest),
+        };
         let end = s
             .iter()
-            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .position(|&b| !WORD_BYTE[usize::from(b)])
             .unwrap_or(s.len());
         if end == 0 {
             return None;

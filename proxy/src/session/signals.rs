@@ -142,6 +142,7 @@ impl<'a, F: Future> Gate<'a, F> {
 
     /// `Ready(Some(output))` if the inner future completed, `Ready(None)` if it ran and is
     /// still pending (look at what it changed), `Pending` if it had no reason to run.
+    #[inline]
     pub fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
         let fut = &mut self.fut;
         match self.tap.run(cx, |inner| fut.as_mut().poll(inner)) {

@@ -44,12 +44,16 @@ impl Tap {
     /// Runs `f` with the tap's waker if the source is due a poll (or the task's waker changed
     /// since the last time), and clears the mark first, so a wake-up during `f` marks it again.
     /// `None` if the source had no reason to be polled.
+    #[inline]
     pub fn run<T>(&mut self, cx: &Context<'_>, f: impl FnOnce(&mut Context<'_>) -> T) -> Option<T> {
         let waker = match &self.mark {
             Some((mark, waker)) if mark.task.will_wake(cx.waker()) => {
-                if !mark.due.swap(false, Ordering::AcqRel) {
+                // A load and a store, not a swap: a wake-up between the two is not lost,
+                // because the source is polled after the store.
+                if !mark.due.load(Ordering::Acquire) {
                     return None;
                 }
+                mark.due.store(false, Ordering::Release);
                 waker
             }
             _ => {
@@ -66,6 +70,7 @@ impl Tap {
 
     /// Polls a source through the tap: `Pending` without touching it unless it is due. A
     /// source that answers is due again (it holds no waker until polled once more).
+    #[inline]
     pub fn poll<T>(
         &mut self,
         cx: &Context<'_>,
