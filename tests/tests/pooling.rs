@@ -318,3 +318,62 @@ async fn the_next_session_on_a_left_connection_is_greeted_with_fresh_parameters(
     );
     proxy.shutdown().await;
 }
+
+/// Session mode with more clients coming and going at once than `pool.size`: a connection a
+/// leaving client gives back is the one the next client takes, not closed and reopened; the
+/// surplus is closed once the burst is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_a_bursts_connections_and_trims_the_surplus_after() {
+    const CLIENTS: usize = 4;
+    const CONNECTIONS_EACH: usize = 15;
+    let cluster = start_cluster(1).await;
+    let opts = ProxyOptions {
+        extra: "[pool]\nmode = \"session\"\nsize = 1\n".to_owned(),
+        ..ProxyOptions::default()
+    };
+    let proxy = Arc::new(RunningProxy::start(&config_for(&cluster, &opts)).await);
+    let pids = Arc::new(Mutex::new(HashSet::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (proxy, pids) = (proxy.clone(), pids.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..CONNECTIONS_EACH {
+                let c = proxy.connect("app").await;
+                let pid: i32 = c
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                pids.lock().unwrap().insert(pid);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let opened = pids.lock().unwrap().len();
+    // At most one connection per client at a time, plus one per client for a connection that
+    // left but was not given back yet when the same client came again.
+    assert!(
+        opened <= 2 * CLIENTS,
+        "{} client connections opened {opened} backend connections",
+        CLIENTS * CONNECTIONS_EACH
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = proxy.node_info("pg0").await;
+        let open = n["backend_connections"].as_i64().unwrap();
+        if open <= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the surplus beyond pool.size stayed open: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match Arc::try_unwrap(proxy) {
+        Ok(proxy) => proxy.shutdown().await,
+        Err(_) => panic!("the proxy is still shared"),
+    }
+}
