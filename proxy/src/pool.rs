@@ -297,20 +297,16 @@ impl Pools {
                     i += 1;
                 }
             }
-            if !pool.key.transaction_mode {
-                while s.idle.len() > pool.size {
-                    let oldest = s
-                        .idle
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, c)| c.since)
-                        .filter(|(_, c)| c.since.elapsed() >= SURPLUS_GRACE)
-                        .map(|(i, _)| i);
-                    match oldest {
-                        Some(i) => closed.push(s.idle.swap_remove(i)),
-                        None => break,
-                    }
-                }
+            if !pool.key.transaction_mode && s.idle.len() > pool.size {
+                // Oldest first (the order of `idle` means nothing else): of the surplus, those
+                // idle long enough go.
+                s.idle.sort_unstable_by_key(|c| c.since);
+                let surplus = s.idle.len() - pool.size;
+                let aged = s.idle[..surplus]
+                    .iter()
+                    .take_while(|c| c.since.elapsed() >= SURPLUS_GRACE)
+                    .count();
+                closed.extend(s.idle.drain(..aged));
             }
         }
         let n = closed.len();
