@@ -6,7 +6,7 @@
 #   bench/pgbench.sh --quick    # smoke run (DURATION=3 ROUNDS=1)
 #
 # Environment: DURATION ROUNDS CLIENTS JOBS SCALE WARMUP WORKLOADS RESULTS_DIR GRAYWIRE_BIN
-#              GW_THREADS TX_TARGETS
+#              GW_THREADS TX_TARGETS CONTROL
 #              PGBOUNCER_BIN PG_BINDIR CHURN_EXTRAS KEEP_TMP (see --help).
 set -euo pipefail
 
@@ -37,6 +37,10 @@ Environment (defaults in brackets):
   CHURN_EXTRAS   1: churn also runs direct-trust (no auth), graywire and PgBouncer in
                  transaction mode [1]
   TX_TARGETS     1: every workload also runs graywire and PgBouncer in transaction mode [0]
+  CONTROL        1: every workload also runs a second PgBouncer, configured like the first
+                 (target pgbouncer-b), and the report shows how often it comes out ahead of
+                 the first: the share of graywire-against-PgBouncer comparisons that noise
+                 alone can decide [0]
   RESULTS_DIR    where the CSV and the report go [bench/results]
   GRAYWIRE_BIN   use this graywire binary instead of `cargo build --release -p graywire`
   GW_THREADS     graywire's runtime.worker_threads: 1 single-threaded like PgBouncer, 0 one
@@ -69,12 +73,14 @@ WARMUP=${WARMUP:-5}
 WORKLOADS=${WORKLOADS:-select-simple select-extended select-prepared tpcb churn}
 CHURN_EXTRAS=${CHURN_EXTRAS:-1}
 TX_TARGETS=${TX_TARGETS:-0}
+CONTROL=${CONTROL:-0}
 RESULTS_DIR=${RESULTS_DIR:-$SCRIPT_DIR/results}
 KEEP_TMP=${KEEP_TMP:-0}
 
 die() { echo "pgbench.sh: error: $*" >&2; exit 1; }
 log() { echo "pgbench.sh: $*" >&2; }
 
+[[ $CONTROL == 0 || $CONTROL == 1 ]] || die "CONTROL must be 0 or 1, not '$CONTROL'"
 for v in DURATION ROUNDS CLIENTS JOBS SCALE WARMUP; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, not '${!v}'"
 done
@@ -389,23 +395,26 @@ log "graywire ($GW_VERSION) on 127.0.0.1:$GW_PORT (pid $GW_PID)"
 # "bench_tx" in transaction mode (churn only). Clients are trusted; the server password is in
 # the connection string.
 # ---------------------------------------------------------------------------------------------
-free_port PB_PORT
-PB_CONF=$TMP/pgbouncer.ini
-PB_LOG=$TMP/pgbouncer.log
-PB_PIDFILE=$TMP/pgbouncer.pid
 PB_POOL_SIZE=$((CLIENTS + 4))
 printf '"bench" ""\n' >"$TMP/userlist.txt"
+chmod 600 "$TMP/userlist.txt"
+[[ $IS_ROOT == 1 ]] && chown "$PG_OS_USER:" "$TMP/userlist.txt"
 pb_db() {
     echo "$1 = host=127.0.0.1 port=$PG_PORT dbname=bench user=$PG_SUPERUSER password=$PG_PASSWORD pool_mode=$2"
 }
-cat >"$PB_CONF" <<EOF
+# start_pgbouncer NAME: starts one PgBouncer with its files at $TMP/NAME.*; sets STARTED_PB_PORT
+# and STARTED_PB_PID (the server's own PID, from its pid file).
+start_pgbouncer() {
+    local name=$1 port conf=$TMP/$1.ini pidfile=$TMP/$1.pid stderr=$TMP/$1.stderr launch
+    free_port port
+    cat >"$conf" <<EOF
 [databases]
 $(pb_db bench session)
 $(pb_db bench_tx transaction)
 
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $PB_PORT
+listen_port = $port
 unix_socket_dir =
 auth_type = trust
 auth_file = $TMP/userlist.txt
@@ -413,28 +422,38 @@ pool_mode = session
 max_client_conn = 1000
 default_pool_size = $PB_POOL_SIZE
 max_db_connections = 0
-logfile = $PB_LOG
-pidfile = $PB_PIDFILE
+logfile = $TMP/$name.log
+pidfile = $pidfile
 log_connections = 0
 log_disconnections = 0
 log_pooler_errors = 1
 ignore_startup_parameters = extra_float_digits
 EOF
-chmod 600 "$PB_CONF" "$TMP/userlist.txt"
-[[ $IS_ROOT == 1 ]] && chown "$PG_OS_USER:" "$PB_CONF" "$TMP/userlist.txt"
-PB_STDERR=$TMP/pgbouncer.stderr
-"${PG_RUN[@]}" "$PGBOUNCER_BIN" "$PB_CONF" >"$PB_STDERR" 2>&1 &
-PB_LAUNCH_PID=$!
-remember_pid "$PB_LAUNCH_PID" pgbouncer TERM   # SIGTERM: immediate shutdown (SIGINT waits for clients)
-pb_ok() { PGCONNECT_TIMEOUT=2 "$PSQL" -X -h 127.0.0.1 -p "$PB_PORT" -U bench -d bench -Atc 'SELECT 1'; }
-wait_for 60 pgbouncer "$PB_LAUNCH_PID" "$PB_STDERR" pb_ok
-PB_PID=$PB_LAUNCH_PID
-if [[ -s $PB_PIDFILE ]]; then
-    PB_PID=$(tr -d ' \n' <"$PB_PIDFILE")
-    real_pid pgbouncer "$PB_PID"
-fi
+    chmod 600 "$conf"
+    [[ $IS_ROOT == 1 ]] && chown "$PG_OS_USER:" "$conf"
+    "${PG_RUN[@]}" "$PGBOUNCER_BIN" "$conf" >"$stderr" 2>&1 &
+    launch=$!
+    remember_pid "$launch" "$name" TERM   # SIGTERM: immediate shutdown (SIGINT waits for clients)
+    STARTED_PB_PORT=$port
+    wait_for 60 "$name" "$launch" "$stderr" pb_ok
+    STARTED_PB_PID=$launch
+    if [[ -s $pidfile ]]; then
+        STARTED_PB_PID=$(tr -d ' \n' <"$pidfile")
+        real_pid "$name" "$STARTED_PB_PID"
+    fi
+    log "$PB_VERSION as $name on 127.0.0.1:$port (pid $STARTED_PB_PID)"
+}
+pb_ok() { PGCONNECT_TIMEOUT=2 "$PSQL" -X -h 127.0.0.1 -p "$STARTED_PB_PORT" -U bench -d bench -Atc 'SELECT 1'; }
 PB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n 1 || echo unknown)
-log "$PB_VERSION on 127.0.0.1:$PB_PORT (pid $PB_PID)"
+start_pgbouncer pgbouncer
+PB_PORT=$STARTED_PB_PORT PB_PID=$STARTED_PB_PID PB_LOG=$TMP/pgbouncer.log
+# The control: a second PgBouncer, configured like the first. How often it comes out ahead of the
+# first shows how much of a graywire-against-PgBouncer difference the machine's noise alone makes.
+PB2_PORT="" PB2_PID=""
+if [[ $CONTROL == 1 ]]; then
+    start_pgbouncer pgbouncer-b
+    PB2_PORT=$STARTED_PB_PORT PB2_PID=$STARTED_PB_PID
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Results files
@@ -468,6 +487,7 @@ say "  machine     : $(nproc) CPUs, $(uname -sr); pgbench, postgres and the prox
 say "  graywire    : $GW_VERSION, $GRAYWIRE_BIN, git $GIT_REV$GIT_DIRTY; pool mode session; worker_threads=$GW_THREADS (0 = one per core); client auth trust; backend scram-sha-256"
 say "  pgbouncer   : $PB_VERSION; pool_mode=session for all main comparisons (matches graywire);"
 say "                auth_type=trust, default_pool_size=$PB_POOL_SIZE, log_connections=0, server_reset_query default (DISCARD ALL)"
+[[ $CONTROL == 1 ]] && say "  control     : pgbouncer-b, a second PgBouncer configured like the first (CONTROL=1)"
 say "  postgresql  : $PG_VERSION, throwaway primary; fsync=off, full_page_writes=off, synchronous_commit=off"
 say "                (benchmark only: unsafe), shared_buffers=128MB, max_connections=200"
 say "  direct      : pgbench over TCP loopback to postgres as superuser with scram-sha-256"
@@ -499,18 +519,20 @@ workload_title() {
     esac
 }
 targets_for() {
+    local control=""
+    [[ $CONTROL == 1 ]] && control=" pgbouncer-b"
     if [[ $1 == churn && $CHURN_EXTRAS == 1 ]]; then
-        echo "direct direct-trust graywire pgbouncer graywire-tx pgbouncer-tx"
+        echo "direct direct-trust graywire pgbouncer$control graywire-tx pgbouncer-tx"
     elif [[ $TX_TARGETS == 1 ]]; then
-        echo "direct graywire pgbouncer graywire-tx pgbouncer-tx"
+        echo "direct graywire pgbouncer$control graywire-tx pgbouncer-tx"
     else
-        echo "direct graywire pgbouncer"
+        echo "direct graywire pgbouncer$control"
     fi
 }
 pool_mode_of() {
     case "$1" in
         direct | direct-trust) echo "-" ;;
-        graywire | pgbouncer) echo "session" ;;
+        graywire | pgbouncer | pgbouncer-b) echo "session" ;;
         graywire-tx | pgbouncer-tx) echo "transaction" ;;
     esac
 }
@@ -535,6 +557,8 @@ pgbench_to() {
             timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$PB_PORT" -U bench "$@" bench >"$out" 2>&1 ;;
         pgbouncer-tx)
             timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$PB_PORT" -U bench "$@" bench_tx >"$out" 2>&1 ;;
+        pgbouncer-b)
+            timeout -k 5 "$limit" "$PGBENCH" -h 127.0.0.1 -p "$PB2_PORT" -U bench "$@" bench >"$out" 2>&1 ;;
     esac
 }
 
@@ -542,6 +566,7 @@ proxy_pid_of() {
     case "$1" in
         graywire | graywire-tx) echo "$GW_PID" ;;
         pgbouncer | pgbouncer-tx) echo "$PB_PID" ;;
+        pgbouncer-b) echo "$PB2_PID" ;;
         *) echo "" ;;
     esac
 }
@@ -557,6 +582,9 @@ record_failure() {
     if [[ $target == graywire* ]]; then
         log "last lines of graywire's log:"
         tail -n 15 "$GW_LOG" | sed 's/^/    /' >&2
+    elif [[ $target == pgbouncer-b ]]; then
+        log "last lines of pgbouncer-b's log:"
+        tail -n 15 "$TMP/pgbouncer-b.log" | sed 's/^/    /' >&2
     elif [[ $target == pgbouncer* ]]; then
         log "last lines of pgbouncer's log:"
         tail -n 15 "$PB_LOG" | sed 's/^/    /' >&2
@@ -675,7 +703,7 @@ summary_table() {
 # apart at most, so their ratio cancels slow drift of the machine; the counts show how often
 # graywire came out ahead, which medians over few rounds hide.
 paired_table() {
-    awk -F, -v wls="$WORKLOADS" '
+    awk -F, -v wls="$WORKLOADS" -v control="$CONTROL" '
         function sort(a, n,   i, j, v) { for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v } }
         function median(a, n) { if (n == 0) return ""; sort(a, n); return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
         NR > 1 && $10 == "ok" { tps[$2, $5, $3] = $11 + 0; cpu[$2, $5, $3] = $18; if ($3 + 0 > maxr) maxr = $3 + 0 }
@@ -697,13 +725,18 @@ paired_table() {
                 pair(w[i], "graywire", "pgbouncer", w[i])
                 pair(w[i], "graywire-tx", "pgbouncer-tx", "  (transaction)")
             }
+            if (control) {
+                printf "\n  control: the second PgBouncer (pgbouncer-b) in place of graywire, against the first\n"
+                printf "  %-16s %8s %22s %17s %17s\n", "workload", "rounds", "median pgb-b/pgb TPS", "pgb-b TPS >= pgb", "pgb-b CPU <= pgb"
+                for (i = 1; i <= nw; i++) pair(w[i], "pgbouncer-b", "pgbouncer", w[i])
+            }
         }' "$CSV"
 }
 
 # Warm-up: page cache, shared buffers, pools. Not measured.
 if ((WARMUP > 0)); then
     log "warm-up: ${WARMUP}s select-only per target"
-    for target in direct graywire pgbouncer; do
+    for target in direct graywire pgbouncer ${PB2_PORT:+pgbouncer-b}; do
         if ! pgbench_to "$target" "$TMP/warmup.out" -S -n -T "$WARMUP" -c "$CLIENTS" -j "$JOBS"; then
             log "warm-up against $target failed:"
             tail -n 15 "$TMP/warmup.out" | sed 's/^/    /' >&2
