@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod backend;
 pub mod cancel;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod demo;
@@ -56,6 +57,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Self {
+        clock::calibrate();
         Proxy {
             ctx: Arc::new(Context::new(config)),
         }

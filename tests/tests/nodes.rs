@@ -55,7 +55,9 @@ async fn admin_endpoints_answer_and_metrics_are_exported() {
     let cluster = start_cluster(1).await;
     let proxy = RunningProxy::in_front_of(&cluster).await;
     let c = proxy.connect("app").await;
-    c.simple_query("SELECT 1").await.unwrap();
+    // A request graywire must time at 0.3 s or more (it sees the query before the node does,
+    // and the reply after).
+    c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
     // A session publishes its request durations at least once a second while it runs.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     c.simple_query("SELECT 2").await.unwrap();
@@ -92,6 +94,22 @@ async fn admin_endpoints_answer_and_metrics_are_exported() {
     assert!(
         count >= 2,
         "the open session's requests are not counted:\n{body}"
+    );
+    let sample = |prefix: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{body}"))
+    };
+    let sum = sample("graywire_query_duration_seconds_sum ");
+    assert!(
+        (0.3..30.0).contains(&sum),
+        "the durations add up to {sum} s, with a 0.3 s sleep among them:\n{body}"
+    );
+    let quick = sample("graywire_query_duration_seconds_bucket{le=\"0.25\"} ");
+    assert!(
+        quick < count as f64,
+        "the 0.3 s request was counted at or under 0.25 s:\n{body}"
     );
 
     let (status, body) = proxy.admin_get("/v1/nope").await;

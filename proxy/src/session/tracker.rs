@@ -5,10 +5,10 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::clock::Stamp;
 use crate::error::SessionError;
 use crate::metrics as m;
 use crate::protocol::frame::{
@@ -71,14 +71,15 @@ pub struct Tracker {
     pub node_said_fatal: bool,
     /// The node's FATAL shutdown message, withheld from the client.
     pub node_shutting_down: Option<String>,
-    request_started: Option<Instant>,
+    request_started: Option<Stamp>,
     pub(super) frontend: Framer,
     backend: Framer,
     max_message_size: usize,
     /// Request durations not yet added to [`m::QUERY_DURATION`].
     durations: m::LocalHistogram,
-    /// When the local counts are next published, at the latest.
-    publish_by: Instant,
+    /// When the local counts were last published (they are published at least every
+    /// [`m::PUBLISH_PERIOD`] while requests complete).
+    published_at: Stamp,
     bytes_up: metrics::Counter,
     bytes_down: metrics::Counter,
     /// Bytes relayed but not yet added to the shared counters (published in batches, so the
@@ -113,7 +114,7 @@ impl Tracker {
             backend: Framer::default(),
             max_message_size,
             durations: m::LocalHistogram::default(),
-            publish_by: Instant::now() + m::PUBLISH_PERIOD,
+            published_at: Stamp::now(),
             bytes_up: handles.bytes_up.clone(),
             bytes_down: handles.bytes_down.clone(),
             unpublished_up: 0,
@@ -137,7 +138,7 @@ impl Tracker {
 
     /// Adds the locally counted bytes and request durations to the shared metrics.
     pub fn publish(&mut self) {
-        self.publish_by = Instant::now() + m::PUBLISH_PERIOD;
+        self.published_at = Stamp::now();
         self.durations.publish(&m::QUERY_DURATION);
         self.bytes_up
             .increment(std::mem::take(&mut self.unpublished_up));
@@ -178,7 +179,7 @@ impl Tracker {
     /// A request begins (Query, Sync or FunctionCall forwarded).
     fn request(&mut self) {
         if self.unanswered == 0 {
-            self.request_started = Some(Instant::now());
+            self.request_started = Some(Stamp::now());
         }
         self.unanswered += 1;
     }
@@ -355,10 +356,10 @@ impl Tracker {
         if self.unanswered == 0 {
             self.in_flight = InFlight::default();
             if let Some(started) = self.request_started.take() {
-                let now = Instant::now();
+                let now = Stamp::now();
                 self.durations
-                    .record(now.duration_since(started), &m::QUERY_DURATION);
-                if now >= self.publish_by {
+                    .record(now.since(started), &m::QUERY_DURATION);
+                if now.since(self.published_at) >= m::PUBLISH_PERIOD {
                     self.publish();
                 }
             }
