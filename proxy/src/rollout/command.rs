@@ -3,12 +3,19 @@
 //! time limit, their output captured for the report.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
+use tokio::io::AsyncReadExt;
 
 /// Most output kept per stream (the end of it: that is where the error is).
 const OUTPUT_KEPT: usize = 16 * 1024;
@@ -235,18 +242,22 @@ impl CommandRun {
 }
 
 /// Runs `command` with `sh -c`, extra environment `env`, at most `limit`: on timeout the whole
-/// process group is killed. Never fails: a command that cannot start is reported as exit 127.
+/// process group is killed, as it is when the returned future is dropped before the command
+/// ended. Never fails: a command that cannot start is reported as exit 127.
+///
+/// The child is a `std::process` child, not a tokio one: tokio's process support would add a
+/// reaping step to every sleep of every runtime in the binary, the proxy's included. Its exit is
+/// awaited on a blocking thread and its output read through non-blocking pipes.
 pub async fn run(command: &str, env: &BTreeMap<String, String>, limit: Duration) -> CommandRun {
     let started = Instant::now();
-    let mut cmd = Command::new("sh");
+    let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
         .arg(command)
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -260,20 +271,16 @@ pub async fn run(command: &str, env: &BTreeMap<String, String>, limit: Duration)
             }
         }
     };
-    let stdout = tokio::spawn(read_tail(child.stdout.take()));
-    let stderr = tokio::spawn(read_tail(child.stderr.take()));
-    let (exit_code, timed_out) = match tokio::time::timeout(limit, child.wait()).await {
-        Ok(Ok(status)) => (status.code(), false),
-        Ok(Err(_)) => (None, false),
+    let stdout = tokio::spawn(read_tail(child.stdout.take().map(OwnedFd::from)));
+    let stderr = tokio::spawn(read_tail(child.stderr.take().map(OwnedFd::from)));
+    let group = Group::new(child);
+    let mut exited = group.exited();
+    let (exit_code, timed_out) = match tokio::time::timeout(limit, &mut exited).await {
+        Ok(Ok(Ok(status))) => (status.code(), false),
+        Ok(_) => (None, false),
         Err(_) => {
-            if let Some(pid) = child.id() {
-                // The whole group: sh and whatever it started in the foreground.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.wait().await;
+            group.kill();
+            let _ = exited.await;
             (None, true)
         }
     };
@@ -297,10 +304,74 @@ pub async fn run(command: &str, env: &BTreeMap<String, String>, limit: Duration)
     }
 }
 
-/// Reads a stream to its end, keeping the last [`OUTPUT_KEPT`] bytes.
-async fn read_tail(stream: Option<impl AsyncRead + Unpin>) -> String {
-    let Some(mut stream) = stream else {
+/// A command's process group, led by its `sh`. The leader is reaped only under the lock and
+/// the group is signalled only under the lock while the leader is not reaped, so its PID (the
+/// group's id) cannot have been reused by then. Dropping the group kills it.
+struct Group {
+    leader: Arc<Mutex<Option<std::process::Child>>>,
+    pid: Pid,
+}
+
+impl Group {
+    fn new(child: std::process::Child) -> Group {
+        // A PID always fits: the kernel's pid_max is at most 2^22.
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        Group {
+            leader: Arc::new(Mutex::new(Some(child))),
+            pid,
+        }
+    }
+
+    /// The leader's exit status, once it exited (on a blocking thread: waiting for a child
+    /// blocks).
+    fn exited(&self) -> tokio::task::JoinHandle<io::Result<ExitStatus>> {
+        let leader = self.leader.clone();
+        let pid = self.pid;
+        tokio::task::spawn_blocking(move || {
+            // Wait for the exit without reaping, so the PID stays the group's until the lock
+            // is held.
+            loop {
+                match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                    Ok(_) => break,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(io::Error::from(e)),
+                }
+            }
+            match lock(&leader).take() {
+                Some(mut child) => child.wait(),
+                None => Err(io::Error::other("the command was already reaped")),
+            }
+        })
+    }
+
+    /// Kills the whole group (sh and whatever it started in the foreground), unless its leader
+    /// was reaped already.
+    fn kill(&self) {
+        let leader = lock(&self.leader);
+        if leader.is_some() {
+            let _ = killpg(self.pid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads a pipe to its end, keeping the last [`OUTPUT_KEPT`] bytes.
+async fn read_tail(pipe: Option<OwnedFd>) -> String {
+    let Some(fd) = pipe else {
         return String::new();
+    };
+    let mut stream = match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+        Ok(s) => s,
+        Err(e) => return format!("(the command's output could not be read: {e})"),
     };
     let mut kept: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
@@ -407,5 +478,60 @@ mod tests {
         assert!(slow.timed_out && !slow.succeeded(), "{slow:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(slow.outcome().contains("timed out"));
+    }
+
+    /// Whether `pid` is still a process (a zombie counts: it was not reaped).
+    fn exists(pid: i32) -> bool {
+        nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
+    }
+
+    /// Whether `pid` is still running (a zombie waiting for its parent to reap it is not).
+    fn running(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_run_kills_the_whole_group_and_reaps_its_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let line = format!(
+            "echo $$ > '{0}'; sleep 30 & echo $! >> '{0}'; wait",
+            pids.display()
+        );
+        let env = BTreeMap::new();
+        // The caller gives up (a cancelled rollout): the future is dropped mid-command.
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(500),
+            run(&line, &env, Duration::from_secs(60)),
+        )
+        .await;
+        assert!(
+            gave_up.is_err(),
+            "the command ended on its own: {gave_up:?}"
+        );
+        let text = std::fs::read_to_string(&pids).unwrap();
+        let pids: Vec<i32> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+        assert_eq!(pids.len(), 2, "{text}");
+        // sh is graywire's child: it must be reaped, not left a zombie. The background sleep
+        // is sh's: it must be killed (its new parent reaps it).
+        let (sh, sleep) = (pids[0], pids[1]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (exists(sh) || running(sleep)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !exists(sh),
+            "sh ({sh}) of the dropped command was not reaped"
+        );
+        assert!(
+            !running(sleep),
+            "the command's background sleep ({sleep}) still runs"
+        );
     }
 }
