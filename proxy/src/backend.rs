@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use crate::cancel::CancelTarget;
 use crate::config::{Credentials, NodeConfig};
 use crate::error::BackendError;
-use crate::protocol::message::TxStatus;
+use crate::protocol::message::{Parameters, TxStatus};
 use crate::protocol::scram::{ClientKeyCache, ScramClient};
 use crate::protocol::startup::CancelKey;
 use crate::topology::NodeName;
@@ -31,7 +31,7 @@ pub struct BackendConn {
     /// The node's own key for this connection.
     pub key: CancelKey,
     /// ParameterStatus values the node reported, in order.
-    pub parameters: Vec<(String, String)>,
+    pub parameters: Parameters,
     /// ParameterStatus and NoticeResponse messages to pass on to the client, as bytes.
     pub greeting: Bytes,
     pub status: TxStatus,
@@ -40,37 +40,29 @@ pub struct BackendConn {
     /// `DISCARD ALL` was sent when the last session on this connection ended; its reply is
     /// still to be read (by the next session's set-up, so the reset costs nobody a wait).
     pub reset_sent: bool,
-    /// ParameterStatus messages encoded for a greeting, with the parameters they encode.
-    greeting_cache: Option<Box<GreetingCache>>,
-}
-
-/// See [`BackendConn::parameter_messages`].
-struct GreetingCache {
-    parameters: Vec<(String, String)>,
-    messages: Bytes,
+    /// ParameterStatus messages encoded for a greeting, with the stamp of the parameters they
+    /// encode.
+    greeting_cache: Option<(u64, Bytes)>,
 }
 
 impl BackendConn {
     /// Appends one ParameterStatus message per parameter, for the greeting of a session that
-    /// takes this pooled connection. The encoding is kept with the parameters it encodes and
-    /// used again while they are equal: sessions that come and go on one connection (churn)
-    /// compare a dozen strings instead of encoding a dozen messages.
+    /// takes this pooled connection. The encoding is kept with the stamp of the parameters it
+    /// encodes and used again while the stamp is the same: sessions that come and go on one
+    /// connection (churn) compare two numbers instead of encoding a dozen messages.
     pub fn parameter_messages(&mut self, out: &mut BytesMut) {
-        if let Some(cache) = &self.greeting_cache {
-            if cache.parameters == self.parameters {
-                out.extend_from_slice(&cache.messages);
+        if let Some((stamp, messages)) = &self.greeting_cache {
+            if *stamp == self.parameters.stamp() {
+                out.extend_from_slice(messages);
                 return;
             }
         }
         let mut messages = BytesMut::with_capacity(32 * self.parameters.len());
-        for (k, v) in &self.parameters {
+        for (k, v) in self.parameters.iter() {
             crate::protocol::message::parameter_status(&mut messages, k, v);
         }
         out.extend_from_slice(&messages);
-        self.greeting_cache = Some(Box::new(GreetingCache {
-            parameters: self.parameters.clone(),
-            messages: messages.freeze(),
-        }));
+        self.greeting_cache = Some((self.parameters.stamp(), messages.freeze()));
     }
 
     pub fn cancel_target(&self) -> CancelTarget {
@@ -159,7 +151,7 @@ async fn connect_inner(
     let password = creds.password.as_ref().map(|p| p.expose());
     let mut buf = BytesMut::with_capacity(8192);
     let mut greeting = BytesMut::new();
-    let mut parameters = Vec::new();
+    let mut parameters = Parameters::default();
     let mut key = None;
     let mut scram: Option<ScramClient> = None;
     loop {
@@ -225,7 +217,7 @@ async fn connect_inner(
             Message::ParameterStatus(body) => {
                 let k = body.name().map_err(|e| proto(e.to_string()))?;
                 let v = body.value().map_err(|e| proto(e.to_string()))?;
-                parameters.push((k.to_owned(), v.to_owned()));
+                parameters.set(k, v);
                 greeting.extend_from_slice(&raw);
             }
             Message::NoticeResponse(_) => greeting.extend_from_slice(&raw),
@@ -464,10 +456,13 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 5432,
             key: CancelKey { pid: 1, secret: 2 },
-            parameters: parameters
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            parameters: {
+                let mut p = Parameters::default();
+                for (k, v) in parameters {
+                    p.set(k, v);
+                }
+                p
+            },
             greeting: Bytes::new(),
             status: TxStatus::Idle,
             leftover: BytesMut::new(),
@@ -496,14 +491,14 @@ mod tests {
             assert_eq!(out[0], b'R', "appended, not replaced");
         }
         // A session changed a value (same length), then another added one.
-        conn.parameters[0].1 = "b".into();
+        conn.parameters.set("application_name", "b");
         let mut out = BytesMut::new();
         conn.parameter_messages(&mut out);
         assert_eq!(
             out,
             encoded(&[("application_name", "b"), ("DateStyle", "ISO, MDY")])
         );
-        conn.parameters.push(("TimeZone".into(), "UTC".into()));
+        conn.parameters.set("TimeZone", "UTC");
         let mut out = BytesMut::new();
         conn.parameter_messages(&mut out);
         assert_eq!(

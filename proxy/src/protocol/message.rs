@@ -1,5 +1,7 @@
 //! The backend messages graywire writes to clients itself (everything else is relayed as bytes).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::{BufMut, BytesMut};
 
 use super::SqlState;
@@ -114,6 +116,56 @@ pub fn authentication_sasl_final(out: &mut BytesMut, data: &[u8]) {
     });
 }
 
+/// The parameters a node reported (ParameterStatus), in the order they were first reported.
+///
+/// Every change takes a new stamp from a process-wide counter, so two lists with the same
+/// stamp hold the same values. A pooled connection's greeting is encoded once and reused while
+/// the stamp is unchanged: comparing stamps replaces comparing a dozen names and values on
+/// every client connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Parameters {
+    list: Vec<(String, String)>,
+    stamp: u64,
+}
+
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
+
+impl Parameters {
+    /// Sets `name` to `value`, adding it if new.
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self.list.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) if v == value => return,
+            Some((_, v)) => *v = value.to_owned(),
+            None => self.list.push((name.to_owned(), value.to_owned())),
+        }
+        self.stamp = NEXT_STAMP.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.list
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.list.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Equal stamps mean equal parameters (see the type's documentation).
+    pub fn stamp(&self) -> u64 {
+        self.stamp
+    }
+}
+
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     // A greeting holds a dozen of these per client connection: the common case (no NUL) is
     // written with one reservation.
@@ -214,6 +266,43 @@ mod tests {
     use super::*;
     use bytes::Buf;
     use postgres_protocol::message::backend::Message;
+
+    #[test]
+    fn a_parameter_stamp_changes_with_the_values_and_only_then() {
+        let mut a = Parameters::default();
+        a.set("DateStyle", "ISO, MDY");
+        a.set("application_name", "x");
+        assert_eq!(a.len(), 2);
+        assert_eq!(a.get("application_name"), Some("x"));
+        assert_eq!(a.get("TimeZone"), None);
+        let first = a.stamp();
+        // The same value again: nothing changed, the stamp stays.
+        a.set("application_name", "x");
+        assert_eq!(a.stamp(), first);
+        // A copy carries the stamp with the values.
+        let copy = a.clone();
+        assert_eq!(copy.stamp(), first);
+        // A changed value or a new name: a stamp no list has had.
+        a.set("application_name", "y");
+        let second = a.stamp();
+        assert_ne!(second, first);
+        a.set("TimeZone", "UTC");
+        assert!(a.stamp() != first && a.stamp() != second);
+        assert_eq!(
+            a.iter().collect::<Vec<_>>(),
+            [
+                ("DateStyle", "ISO, MDY"),
+                ("application_name", "y"),
+                ("TimeZone", "UTC")
+            ]
+        );
+        // Changing the copy back to the original's values still gives a new stamp: equal
+        // stamps imply equal values, not the reverse.
+        let mut b = copy;
+        b.set("application_name", "z");
+        b.set("application_name", "x");
+        assert_ne!(b.stamp(), first);
+    }
 
     fn parse(mut buf: BytesMut) -> Message {
         match Message::parse(&mut buf) {

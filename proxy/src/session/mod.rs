@@ -184,7 +184,7 @@ async fn run(
         id: ctx.new_session_id(),
         cancel: ctx.cancels.register(),
         tracker: Tracker::new(
-            Vec::new(),
+            Default::default(),
             TxStatus::Idle,
             config.listener.max_message_size,
             // Only a session whose connection goes back to a pool between transactions needs
@@ -880,8 +880,8 @@ impl Session<'_> {
             for (code, msg) in &reply.errors {
                 warn!(parent: &self.who.span(), node = %conn.node, sqlstate = %code, error = %msg, "could not set up part of the session's state");
             }
-            for (k, v) in reply.parameters {
-                tracker::set_parameter(&mut conn.parameters, &k, &v);
+            for (k, v) in &reply.parameters {
+                conn.parameters.set(k, v);
             }
         }
         self.cancel.set_target(Some(conn.cancel_target()));
@@ -906,11 +906,10 @@ impl Session<'_> {
         // Tell the client what differs on this connection (server_version after an upgrade,
         // in_hot_standby, …), as a node reports a changed parameter.
         let mut out = BytesMut::new();
-        for (k, v) in &attached.conn.parameters {
-            let known = self.tracker.parameters.iter().find(|(name, _)| name == k);
-            if known.is_none_or(|(_, old)| old != v) {
+        for (k, v) in attached.conn.parameters.iter() {
+            if self.tracker.parameters.get(k) != Some(v) {
                 message::parameter_status(&mut out, k, v);
-                tracker::set_parameter(&mut self.tracker.parameters, k, v);
+                self.tracker.parameters.set(k, v);
             }
         }
         self.attached = Some(attached);

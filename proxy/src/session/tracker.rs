@@ -14,7 +14,7 @@ use crate::metrics as m;
 use crate::protocol::frame::{
     check_frontend_header, read_cstr, Flow, Framer, Handling, Scanned, HEADER_LEN,
 };
-use crate::protocol::message::TxStatus;
+use crate::protocol::message::{Parameters, TxStatus};
 use crate::protocol::sqltext::{leading_command, mentions_session_advisory_lock, Command};
 
 /// The client's named prepared statements by name. Looked up on every Bind, so hashed with
@@ -64,7 +64,7 @@ pub struct Tracker {
     /// transaction mode needs it.
     watch_pins: bool,
     /// The latest value of every parameter the node reported.
-    pub parameters: Vec<(String, String)>,
+    pub parameters: Parameters,
     /// Named protocol-level prepared statements the client defined.
     pub statements: Statements,
     /// The last ErrorResponse from the node was FATAL (the node ends the connection itself).
@@ -90,7 +90,7 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(
-        parameters: Vec<(String, String)>,
+        parameters: Parameters,
         status: TxStatus,
         max_message_size: usize,
         watch_pins: bool,
@@ -373,7 +373,7 @@ impl Tracker {
         let Some((value, _)) = read_cstr(rest) else {
             return;
         };
-        set_parameter(&mut self.parameters, name, value);
+        self.parameters.set(name, value);
     }
 
     /// Counts the error; a FATAL that says the node is going away (57P01 admin shutdown,
@@ -403,13 +403,5 @@ impl Tracker {
         metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate, "source" => "node")
             .increment(1);
         Flow::Forward
-    }
-}
-
-/// Sets `name` to `value` in a parameter list, adding it if new.
-pub fn set_parameter(list: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match list.iter_mut().find(|(k, _)| k == name) {
-        Some(slot) => slot.1 = value.to_owned(),
-        None => list.push((name.to_owned(), value.to_owned())),
     }
 }
