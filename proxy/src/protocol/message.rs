@@ -1,4 +1,5 @@
-//! The backend messages graywire writes to clients itself (everything else is relayed as bytes).
+//! The backend messages graywire writes to clients itself (everything else is relayed as bytes),
+//! and [`Parameters`], the node's ParameterStatus values it replays in greetings.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -122,7 +123,7 @@ pub fn authentication_sasl_final(out: &mut BytesMut, data: &[u8]) {
 /// stamp hold the same values. A pooled connection's greeting is encoded once and reused while
 /// the stamp is unchanged: comparing stamps replaces comparing a dozen names and values on
 /// every client connection.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Parameters {
     list: Vec<(String, String)>,
     stamp: u64,
