@@ -11,6 +11,14 @@ use graywire_tests::{
     config_for, pgbench, planned_switchover, start_cluster, ProxyOptions, RunningProxy,
 };
 
+/// The PID of the backend that serves `c`'s next statement.
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn transaction_mode(size: usize) -> ProxyOptions {
     ProxyOptions {
         extra: format!(
@@ -182,26 +190,14 @@ async fn an_idle_session_gives_its_connection_to_one_that_needs_it() {
     let cluster = start_cluster(1).await;
     let proxy = RunningProxy::start(&config_for(&cluster, &transaction_mode(1))).await;
     let a = proxy.connect("app").await;
-    let pid_a: i32 = a
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid_a = backend_pid(&a).await;
     // The only connection is held by idle session a; b's startup and queries get it at once.
     let started = std::time::Instant::now();
     let b = proxy.connect("app").await;
-    let pid_b: i32 = b
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid_b = backend_pid(&b).await;
     assert_eq!(pid_a, pid_b, "one connection, handed over");
     // And back.
-    let again: i32 = a
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let again = backend_pid(&a).await;
     assert_eq!(again, pid_a);
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -229,20 +225,13 @@ async fn session_mode_reuses_a_left_connection_with_nothing_of_its_last_session(
         )
         .await
         .unwrap();
-        a.query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0)
+        backend_pid(&a).await
     };
     // The client left cleanly at a boundary: its backend connection waits for the next session.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let b = loop {
         let b = proxy.connect("app").await;
-        let pid: i32 = b
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let pid = backend_pid(&b).await;
         if pid == first_pid {
             break b;
         }
@@ -339,11 +328,7 @@ async fn session_mode_keeps_a_bursts_connections_and_trims_the_surplus_after() {
         tasks.push(tokio::spawn(async move {
             for _ in 0..CONNECTIONS_EACH {
                 let c = proxy.connect("app").await;
-                let pid: i32 = c
-                    .query_one("SELECT pg_backend_pid()", &[])
-                    .await
-                    .unwrap()
-                    .get(0);
+                let pid = backend_pid(&c).await;
                 pids.lock().unwrap().insert(pid);
             }
         }));
