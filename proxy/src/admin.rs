@@ -55,7 +55,7 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
                 Ok(x) => x,
                 Err(e) => {
                     warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    crate::timer::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -382,7 +382,7 @@ pub async fn http_call(
         s.read_to_end(&mut buf).await?;
         Ok(split_http_response(&String::from_utf8_lossy(&buf)))
     };
-    tokio::time::timeout(limit, work).await.map_err(|_| {
+    crate::timer::timeout(limit, work).await.map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no answer within {limit:?}"),

@@ -114,7 +114,7 @@ pub async fn connect(
     keys: &ClientKeyCache,
 ) -> Result<BackendConn, BackendError> {
     let name = node.name.clone();
-    match tokio::time::timeout(timeout, connect_inner(node, creds, client_params, keys)).await {
+    match crate::timer::timeout(timeout, connect_inner(node, creds, client_params, keys)).await {
         Ok(r) => r,
         Err(_) => Err(BackendError::Timeout {
             node: name,
@@ -373,7 +373,7 @@ pub async fn exchange(
         }
         Ok(out)
     };
-    match tokio::time::timeout(timeout, work).await {
+    match crate::timer::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(BackendError::Timeout {
             node: node.clone(),
@@ -431,7 +431,7 @@ pub fn error_fields(mut body: &[u8]) -> (String, String) {
 pub async fn terminate(mut stream: TcpStream) {
     let mut out = BytesMut::new();
     frontend::terminate(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = crate::timer::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&out).await;
         let _ = stream.shutdown().await;
     })

@@ -215,7 +215,7 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
         s.write_all(&packet).await?;
         s.shutdown().await
     };
-    tokio::time::timeout(timeout, attempt)
+    crate::timer::timeout(timeout, attempt)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
 }
@@ -260,12 +260,12 @@ mod tests {
                 {
                     return true;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                crate::timer::sleep(Duration::from_millis(5)).await;
             }
             false
         });
         let held = h
-            .cancellable(tokio::time::sleep(Duration::from_secs(30)))
+            .cancellable(crate::timer::sleep(Duration::from_secs(30)))
             .await;
         assert!(held.is_none(), "the hold ended by the cancel");
         assert!(canceller.await.expect("join"));

@@ -91,10 +91,10 @@ pub async fn drain(
         tokio::spawn(finish_when_empty(ctx.clone(), node.clone()));
     }
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = Instant::now() + wait;
     loop {
         let remaining = ctx.loads.figures(node);
-        if remaining.is_empty() || tokio::time::Instant::now() >= deadline {
+        if remaining.is_empty() || Instant::now() >= deadline {
             let drained = remaining.is_empty();
             if drained {
                 // Do not wait for the background task to notice.
@@ -108,7 +108,7 @@ pub async fn drain(
                 waited,
             });
         }
-        tokio::time::sleep(POLL).await;
+        crate::timer::sleep(POLL).await;
     }
 }
 
@@ -156,7 +156,7 @@ async fn finish_when_empty(ctx: Arc<Context>, node: NodeName) {
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
+            _ = crate::timer::sleep(POLL) => {}
             _ = stop.cancelled() => return,
         }
     }

@@ -65,7 +65,7 @@ fn spawn(ctx: Arc<Context>, node: NodeConfig) -> JoinHandle<()> {
 async fn check_forever(ctx: &Context, node: &NodeConfig) {
     let mut conn: Option<Checker> = None;
     loop {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let config = ctx.config.load();
         let obs = check_once(&mut conn, node, &config.backend, &config.health).await;
         let result = if matches!(obs, Observation::Ok { .. }) {
@@ -85,7 +85,7 @@ async fn check_forever(ctx: &Context, node: &NodeConfig) {
         if router::primary(&ctx.topology.load()).is_none() {
             interval = interval.min(NO_PRIMARY_INTERVAL);
         }
-        tokio::time::sleep_until(started + interval).await;
+        crate::timer::sleep_until(started + interval).await;
     }
 }
 
@@ -233,7 +233,7 @@ async fn check_once(
             started_at,
         })
     };
-    match tokio::time::timeout(health.timeout, attempt).await {
+    match crate::timer::timeout(health.timeout, attempt).await {
         Ok(Ok(obs)) => obs,
         Ok(Err(reason)) => {
             *conn = None;
@@ -258,8 +258,7 @@ async fn connect(
         .port(node.port)
         .user(&creds.user)
         .dbname(&health.database)
-        .application_name("graywire health check")
-        .connect_timeout(health.timeout);
+        .application_name("graywire health check");
     if let Some(p) = &creds.password {
         cfg.password(p.expose());
     }

@@ -32,8 +32,10 @@ pub mod probe;
 pub mod protocol;
 pub mod rollout;
 pub mod router;
+pub mod runtime;
 pub mod session;
 pub mod shutdown;
+pub mod timer;
 pub mod topology;
 
 use std::sync::Arc;
@@ -53,13 +55,23 @@ const HARD_GRACE: Duration = Duration::from_secs(5);
 /// One graywire instance, built from a validated config.
 pub struct Proxy {
     ctx: Arc<Context>,
+    /// Where the probe runs (it needs tokio's timer; see [`runtime`]).
+    probe_runtime: tokio::runtime::Handle,
 }
 
 impl Proxy {
+    /// A proxy whose tasks all run on the current runtime.
     pub fn new(config: Config) -> Self {
+        Self::with_probe_runtime(config, tokio::runtime::Handle::current())
+    }
+
+    /// A proxy whose probe (if configured) runs on `probe_runtime`, the rest on the current
+    /// runtime (see [`runtime::Runtimes`]).
+    pub fn with_probe_runtime(config: Config, probe_runtime: tokio::runtime::Handle) -> Self {
         clock::calibrate();
         Proxy {
             ctx: Arc::new(Context::new(config)),
+            probe_runtime,
         }
     }
 
@@ -110,7 +122,7 @@ impl Proxy {
 
     /// Waits until every node has been checked at least once (bounded by `timeout`).
     pub async fn wait_for_first_checks(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now() + timeout;
         let mut changes = self.ctx.topology.subscribe();
         loop {
             let checked = self
@@ -121,7 +133,7 @@ impl Proxy {
             if checked {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
+            if timer::timeout_at(deadline, changes.changed())
                 .await
                 .is_err()
             {
@@ -143,7 +155,10 @@ impl Proxy {
         let config = ctx.config.load_full();
         let metrics_handle = metrics::install();
         let probe = match (&config.probe, listener.local_addr()) {
-            (Some(settings), Ok(addr)) => Some(probe::start(ctx, settings, addr)),
+            (Some(settings), Ok(addr)) => {
+                let _on_probe_runtime = self.probe_runtime.enter();
+                Some(probe::start(ctx, settings, addr))
+            }
             (Some(_), Err(e)) => {
                 tracing::error!(error = %e, "the probe cannot learn the listener's address; not started");
                 None

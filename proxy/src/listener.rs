@@ -28,7 +28,7 @@ pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener) {
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::timer::sleep(Duration::from_millis(100)).await;
                 }
             },
             _ = ctx.shutdown.soft.cancelled() => return,

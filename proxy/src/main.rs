@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use graywire::config::Config;
 use graywire::demo::{self, DemoOptions};
 use graywire::rollout::cli::RolloutArgs;
+use graywire::runtime::Runtimes;
 use graywire::Proxy;
 
 /// Sessions allocate and free buffers and small strings at every connection; glibc's malloc
@@ -171,18 +172,21 @@ fn main() -> ExitCode {
                 }
             };
             let path = config_path;
-            runtime_then(config.worker_threads, |stop| async move {
+            let runtimes = Runtimes::for_proxy(config.worker_threads, config.probe.is_some());
+            runtime_then(runtimes, |stop, probe_runtime| async move {
                 let listener = tokio::net::TcpListener::bind(config.listener.address).await?;
                 let admin = tokio::net::TcpListener::bind(config.admin.address).await?;
                 info!(listen = %config.listener.address, admin = %config.admin.address, "graywire is serving");
-                let proxy = Arc::new(Proxy::new(config));
+                let proxy = Arc::new(Proxy::with_probe_runtime(config, probe_runtime));
                 reload_on_sighup(proxy.clone(), path)?;
                 proxy.run(listener, Some(admin), stop).await;
                 Ok(())
             })
         }
         Command::Probe(args) => {
-            runtime_then(0, |stop| async move { probe_standalone(args, stop).await })
+            runtime_then(Runtimes::single(0), |stop, _| async move {
+                probe_standalone(args, stop).await
+            })
         }
         Command::Gate(args) => gate_command(args),
         Command::Rollout(args) => rollout_command(*args),
@@ -199,7 +203,7 @@ fn main() -> ExitCode {
                 admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
                 rolling_upgrade,
             };
-            runtime_then(threads, |stop| async move {
+            runtime_then(Runtimes::single(threads), |stop, _| async move {
                 ignore_sighup()?;
                 Ok(demo::run(opts, stop).await?)
             })
@@ -207,43 +211,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds the runtime (`threads`: 0 one worker per core, 1 single-threaded), wires
-/// SIGINT/SIGTERM to a cancellation token, runs `f`.
-fn runtime_then<F, Fut>(threads: usize, f: F) -> ExitCode
+/// Runs `f` on `runtimes` (see [`Runtimes::block_on`]) with SIGINT/SIGTERM wired to a
+/// cancellation token and the handle of the probe's runtime.
+fn runtime_then<F, Fut>(runtimes: std::io::Result<Runtimes>, f: F) -> ExitCode
 where
-    F: FnOnce(CancellationToken) -> Fut,
+    F: FnOnce(CancellationToken, tokio::runtime::Handle) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let built = match threads {
-        0 => tokio::runtime::Runtime::new(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-    };
-    let runtime = match built {
+    let runtimes = match runtimes {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let probe_runtime = runtimes.probe();
+    let ran = runtimes.block_on(async move {
         let stop = CancellationToken::new();
         if let Err(e) = watch_signals(stop.clone()) {
             eprintln!("cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
-        match f(stop).await {
+        match f(stop, probe_runtime).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("graywire: {e:#}");
                 ExitCode::FAILURE
             }
         }
+    });
+    ran.unwrap_or_else(|e| {
+        eprintln!("cannot start the session thread's timers: {e}");
+        ExitCode::FAILURE
     })
 }
 
@@ -336,7 +335,7 @@ fn gate_command(args: GateArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let deadline = tokio::time::Instant::now() + args.timeout;
+        let deadline = std::time::Instant::now() + args.timeout;
         loop {
             let last = match graywire::admin::http_get(&addr, &path).await {
                 Ok((200, body)) => {
@@ -360,11 +359,11 @@ fn gate_command(args: GateArgs) -> ExitCode {
                 Ok((status, body)) => format!("unexpected answer {status}: {body}"),
                 Err(e) => format!("cannot reach {addr}: {e}"),
             };
-            if !args.wait || tokio::time::Instant::now() + args.poll > deadline {
+            if !args.wait || std::time::Instant::now() + args.poll > deadline {
                 eprintln!("{last}");
                 return ExitCode::from(1);
             }
-            tokio::time::sleep(args.poll).await;
+            graywire::timer::sleep(args.poll).await;
         }
     })
 }

@@ -371,10 +371,13 @@ pub const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5)
 
 /// Runs the recorder's upkeep every [`UPKEEP_PERIOD`] until `stop` is cancelled.
 pub async fn upkeep(handle: PrometheusHandle, stop: tokio_util::sync::CancellationToken) {
-    let mut ticks = tokio::time::interval(UPKEEP_PERIOD);
+    let mut next = std::time::Instant::now();
     loop {
         tokio::select! {
-            _ = ticks.tick() => handle.run_upkeep(),
+            () = crate::timer::sleep_until(next) => {
+                handle.run_upkeep();
+                next = std::time::Instant::now() + UPKEEP_PERIOD;
+            }
             _ = stop.cancelled() => return,
         }
     }

@@ -127,7 +127,7 @@ impl Pool {
     pub async fn checkout(
         self: &Arc<Self>,
         owner: u64,
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> Option<Checkout> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -136,7 +136,7 @@ impl Pool {
                 self.waiting.fetch_add(1, Ordering::AcqRel);
                 self.wanted.notify_waiters();
                 let got =
-                    tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
+                    crate::timer::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
                 self.waiting.fetch_sub(1, Ordering::AcqRel);
                 got.ok()?.ok()?
             }
@@ -340,7 +340,7 @@ pub async fn janitor(ctx: Arc<crate::context::Context>) {
         ctx.pools.prune(&ctx.topology.load(), idle_timeout);
         tokio::select! {
             _ = changes.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::timer::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return,
         }
     }

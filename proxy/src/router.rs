@@ -135,7 +135,7 @@ pub fn fits(snapshot: &Snapshot, node: &NodeName, target: Target, routing: &Rout
 /// fails with 57P03 at `deadline`. Counted as held only if it had to wait.
 pub async fn hold<T>(
     topology: &Topology,
-    deadline: tokio::time::Instant,
+    deadline: std::time::Instant,
     mut ready: impl FnMut(&Snapshot) -> Option<T>,
 ) -> Result<T, SessionError> {
     let mut changes = topology.subscribe();
@@ -156,7 +156,7 @@ pub async fn hold<T>(
                     break Err(SessionError::NoPrimary(started.elapsed()));
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = crate::timer::sleep_until(deadline) => {
                 break Err(SessionError::NoPrimary(started.elapsed()));
             }
         }
@@ -174,7 +174,7 @@ pub async fn wait_for_node(
     loads: &NodeLoads,
     hold_timeout: Duration,
 ) -> Result<NodeConfig, SessionError> {
-    let deadline = tokio::time::Instant::now() + hold_timeout;
+    let deadline = std::time::Instant::now() + hold_timeout;
     hold(topology, deadline, |snap| {
         if snap.paused {
             return None;
@@ -189,7 +189,7 @@ pub async fn wait_for_primary(
     topology: &Topology,
     hold_timeout: Duration,
 ) -> Result<NodeConfig, SessionError> {
-    let deadline = tokio::time::Instant::now() + hold_timeout;
+    let deadline = std::time::Instant::now() + hold_timeout;
     hold(topology, deadline, |snap| primary(snap).cloned()).await
 }
 
@@ -404,7 +404,7 @@ mod tests {
         let t2 = t.clone();
         let waiter =
             tokio::spawn(async move { wait_for_primary(&t2, Duration::from_secs(10)).await });
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        crate::timer::sleep(Duration::from_secs(1)).await;
         see(&t, 1, Role::Primary);
         let got = waiter.await.expect("join").expect("primary");
         assert_eq!(got.port, 5001);

@@ -23,12 +23,12 @@ impl Shutdown {
     pub async fn drain(&self, grace: Duration, hard_grace: Duration) -> (usize, usize) {
         self.soft.cancel();
         self.sessions.close();
-        let at_soft = match tokio::time::timeout(grace, self.sessions.wait()).await {
+        let at_soft = match crate::timer::timeout(grace, self.sessions.wait()).await {
             Ok(()) => return (0, 0),
             Err(_) => self.sessions.len(),
         };
         self.hard.cancel();
-        let _ = tokio::time::timeout(hard_grace, self.sessions.wait()).await;
+        let _ = crate::timer::timeout(hard_grace, self.sessions.wait()).await;
         (at_soft, self.sessions.len())
     }
 }

@@ -1,6 +1,7 @@
 //! The end-to-end test fixture: a real PostgreSQL cluster ([`graywire::localcluster`]),
-//! graywire running in-process in front of it on port 0, and a small raw-protocol client for
-//! what drivers hide (transaction status, ParameterStatus, malformed messages).
+//! graywire running in-process in front of it on port 0 (on a thread of its own, with the
+//! runtimes `graywire run` builds), and a small raw-protocol client for what drivers hide
+//! (transaction status, ParameterStatus, malformed messages).
 //! See `tests/README.md`.
 #![allow(clippy::unwrap_used)]
 
@@ -15,9 +16,10 @@ use std::time::Duration;
 
 use graywire::config::Config;
 use graywire::localcluster::{ClusterSpec, LocalCluster};
+use graywire::runtime::Runtimes;
 use graywire::Proxy;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
@@ -129,11 +131,12 @@ pub struct ProxyOptions {
 }
 
 impl Default for ProxyOptions {
+    /// Single-threaded, as benchmarked: the proxy runs on one thread without tokio's timer.
     fn default() -> Self {
         ProxyOptions {
             node_order: None,
             listener_extra: String::new(),
-            extra: "[shutdown]\ntimeout = \"3s\"\n".into(),
+            extra: "[shutdown]\ntimeout = \"3s\"\n\n[runtime]\nworker_threads = 1\n".into(),
         }
     }
 }
@@ -169,29 +172,52 @@ pub fn config_for(cluster: &LocalCluster, opts: &ProxyOptions) -> String {
     t
 }
 
-/// graywire running in-process in front of a cluster.
+/// graywire running in-process in front of a cluster, on a thread of its own.
 pub struct RunningProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    /// Fires when the proxy's thread has finished (dropped if it panicked).
+    finished: Option<oneshot::Receiver<()>>,
 }
 
 impl RunningProxy {
-    /// Starts graywire with `config_text` and waits until every node was checked once.
+    /// Starts graywire with `config_text` and waits until every node was checked once. It
+    /// runs on a new thread, on the runtimes `graywire run` builds for the config's
+    /// `runtime.worker_threads` (with 1: one thread without tokio's timer).
     pub async fn start(config_text: &str) -> RunningProxy {
         let config = Config::from_toml(config_text).expect("valid test config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        admin.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let proxy = Arc::new(Proxy::new(config));
         let stop = CancellationToken::new();
-        let task = {
-            let (proxy, stop) = (proxy.clone(), stop.clone());
-            tokio::spawn(async move { proxy.run(listener, Some(admin), stop).await })
-        };
+        let (started, proxy) = oneshot::channel();
+        let (finished_tx, finished) = oneshot::channel();
+        let runtimes = Runtimes::for_proxy(config.worker_threads, config.probe.is_some())
+            .expect("graywire's runtimes");
+        let thread_stop = stop.clone();
+        std::thread::Builder::new()
+            .name("graywire".into())
+            .spawn(move || {
+                let probe_runtime = runtimes.probe();
+                runtimes
+                    .block_on(async move {
+                        let listener = TcpListener::from_std(listener).unwrap();
+                        let admin = TcpListener::from_std(admin).unwrap();
+                        let proxy = Arc::new(Proxy::with_probe_runtime(config, probe_runtime));
+                        let _ = started.send(proxy.clone());
+                        proxy.run(listener, Some(admin), thread_stop).await;
+                    })
+                    .expect("the proxy thread's timers");
+                drop(runtimes);
+                let _ = finished_tx.send(());
+            })
+            .unwrap();
+        let proxy = proxy.await.expect("graywire's thread started the proxy");
         assert!(
             proxy.wait_for_first_checks(Duration::from_secs(10)).await,
             "health checks did not finish"
@@ -201,7 +227,7 @@ impl RunningProxy {
             admin: admin_addr,
             proxy,
             stop,
-            task: Some(task),
+            finished: Some(finished),
         }
     }
 
@@ -282,11 +308,11 @@ impl RunningProxy {
     /// Stops graywire (graceful shutdown) and waits for it.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), t)
+        if let Some(finished) = self.finished.take() {
+            tokio::time::timeout(Duration::from_secs(20), finished)
                 .await
                 .expect("graywire stops in time")
-                .unwrap();
+                .expect("graywire's thread ends without a panic");
         }
     }
 }

@@ -2,6 +2,7 @@
 //! of it with the admin API, until Ctrl-C or SIGTERM — or, with `--rolling-upgrade`, until a
 //! rolling upgrade of the cluster is done ([`rolling`]); then everything it started is stopped
 //! and its directory removed.
+#![allow(clippy::disallowed_methods)] // the demo runs on a runtime with tokio's timer.
 
 pub mod rolling;
 

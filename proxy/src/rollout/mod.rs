@@ -22,6 +22,7 @@
 //! Modules: [`command`] (templates, running them), [`fleet`] (the instances' admin APIs),
 //! [`plan`] (preflight checks and the order; pure), [`runner`] (the steps), [`report`] (what
 //! happened, human and JSON), [`progress`] (the live display).
+#![allow(clippy::disallowed_methods)] // `graywire rollout` runs on a runtime with tokio's timer.
 
 pub mod cli;
 pub mod command;

@@ -104,13 +104,13 @@ pub async fn serve(ctx: Arc<Context>, mut client: TcpStream, peer: SocketAddr) {
                         .increment(1);
                 }
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(1), client.write_all(&reply)).await;
+                    crate::timer::timeout(Duration::from_secs(1), client.write_all(&reply)).await;
             }
             outcome_label(e)
         }
     };
     ctx.session_metrics().connection_ended(label);
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+    let _ = crate::timer::timeout(Duration::from_secs(1), client.shutdown()).await;
 }
 
 fn outcome_label(e: &SessionError) -> &'static str {
@@ -153,7 +153,7 @@ async fn run(
     who: &mut SessionLabel,
 ) -> Result<&'static str, SessionError> {
     let config = ctx.config.load_full();
-    let opened = tokio::time::timeout(
+    let opened = crate::timer::timeout(
         config.listener.auth_timeout,
         open_and_authenticate(ctx, client, &config, who),
     )
@@ -251,7 +251,7 @@ struct Session<'a> {
     settings: Vec<(String, String)>,
     changes: watch::Receiver<u64>,
     /// A pinned session on a node it should leave looks again at its first boundary after this.
-    recheck_at: Option<tokio::time::Instant>,
+    recheck_at: Option<std::time::Instant>,
     /// The backend died while the session sat inside a transaction: the client learns it
     /// (40001) at its next request.
     unreported_rollback: Option<RequestError>,
@@ -372,7 +372,7 @@ impl Session<'_> {
         let fits = router::fits(&snapshot, &node, self.target, routing);
         let recheck_due = self
             .recheck_at
-            .is_some_and(|t| t <= tokio::time::Instant::now());
+            .is_some_and(|t| t <= std::time::Instant::now());
         let pooled = self.mode == PoolMode::Transaction
             && self.attached.as_ref().is_some_and(|a| a.slot.is_some());
         // In transaction mode the connection goes back at this boundary unless the session
@@ -396,8 +396,8 @@ impl Session<'_> {
         }
         if snapshot.paused && !self.pipes.up.buf.is_empty() {
             // Paused: the client's next transaction waits here, its connection untouched.
-            let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
-            let started = tokio::time::Instant::now();
+            let deadline = std::time::Instant::now() + self.config.hold_timeout;
+            let started = std::time::Instant::now();
             let held = self
                 .cancel
                 .cancellable(router::hold(&self.ctx.topology, deadline, |s| {
@@ -488,7 +488,7 @@ impl Session<'_> {
                 info!(parent: &who.span(), %node, state = ?pins, "session is pinned: it holds state that cannot move");
             }
             a.binding.set_pinned(true);
-            self.recheck_at = Some(tokio::time::Instant::now() + PINNED_RECHECK);
+            self.recheck_at = Some(std::time::Instant::now() + PINNED_RECHECK);
             return;
         }
         self.recheck_at = None;
@@ -684,8 +684,8 @@ impl Session<'_> {
     /// Holds the client's request until a node fits, then attaches to it and replays the
     /// session's state there.
     async fn attach_for_request(&mut self) -> Result<(), RequestError> {
-        let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
-        let started = tokio::time::Instant::now();
+        let deadline = std::time::Instant::now() + self.config.hold_timeout;
+        let started = std::time::Instant::now();
         loop {
             let routing = &self.config.routing;
             let loads = &self.ctx.loads;
@@ -703,11 +703,11 @@ impl Session<'_> {
                 Err(e) if e.is_node_failure() || is_transient_refusal(&e) => {
                     health::passive_failure(self.ctx, &node.name, &e.to_string());
                     debug!(parent: &self.who.span(), node = %node.name, error = %e, "node could not take the session yet");
-                    if tokio::time::Instant::now() >= deadline {
+                    if std::time::Instant::now() >= deadline {
                         return Err(RequestError::NoNode(started.elapsed()));
                     }
                     // Let the health checker catch up before asking again.
-                    tokio::time::sleep(RETRY_PAUSE.min(deadline - tokio::time::Instant::now()))
+                    crate::timer::sleep(RETRY_PAUSE.min(deadline - std::time::Instant::now()))
                         .await;
                 }
                 Err(e) => {
@@ -788,7 +788,7 @@ impl Session<'_> {
             }
         };
         let checkout = if transaction_mode {
-            let deadline = tokio::time::Instant::now() + self.config.hold_timeout;
+            let deadline = std::time::Instant::now() + self.config.hold_timeout;
             pool.checkout(self.id, deadline)
                 .await
                 .ok_or_else(|| BackendError::PoolExhausted {

@@ -27,7 +27,7 @@ pub struct BoundaryWatch<'a> {
     /// New transactions are held (paused): client bytes arriving at a boundary stop the relay.
     pub hold_requests: bool,
     /// Stop at the first boundary after this instant (a pinned session's recheck).
-    pub recheck_at: Option<tokio::time::Instant>,
+    pub recheck_at: Option<std::time::Instant>,
     /// Transaction mode: the connection's pool; stop at a boundary once another session
     /// wants a connection of it (the connection goes back).
     pub pool: Option<&'a Pool>,
@@ -94,7 +94,7 @@ pub async fn watch(shutdown: &Shutdown, w: BoundaryWatch<'_>, set: &SignalSet) -
     // No timer at all unless a recheck is due (most relays have none).
     let recheck = async {
         match recheck_at {
-            Some(at) => tokio::time::sleep_until(at).await,
+            Some(at) => crate::timer::sleep_until(at).await,
             None => std::future::pending().await,
         }
     };
@@ -275,7 +275,7 @@ mod tests {
     fn watching<'a>(
         changes: &'a mut channel::Receiver<u64>,
         evictions: &'a mut channel::Receiver<u64>,
-        recheck_at: Option<tokio::time::Instant>,
+        recheck_at: Option<std::time::Instant>,
     ) -> BoundaryWatch<'a> {
         BoundaryWatch {
             changes,
@@ -312,7 +312,7 @@ mod tests {
         let (_tx, mut changes) = channel::channel(0u64);
         let (etx, mut evictions) = channel::channel(0u64);
         let set = SignalSet::default();
-        let later = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
         let w = watching(&mut changes, &mut evictions, Some(later));
         let fut = watch(&shutdown, w, &set);
         tokio::pin!(fut);
@@ -320,12 +320,12 @@ mod tests {
         assert!(gate.poll_now().await.is_none());
         assert!(!set.has(Signal::Evicted));
         etx.send(1).unwrap();
-        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), gate.woken()).await;
+        let woke = crate::timer::timeout(std::time::Duration::from_secs(5), gate.woken()).await;
         assert!(woke.is_ok(), "the eviction did not wake the gate");
         assert!(set.has(Signal::Evicted));
         assert!(!set.has(Signal::RecheckDue));
         shutdown.hard.cancel();
-        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), gate.woken()).await;
+        let woke = crate::timer::timeout(std::time::Duration::from_secs(5), gate.woken()).await;
         assert!(woke.is_ok(), "the hard stop did not wake the gate");
         assert!(set.has(Signal::HardStop));
     }
