@@ -183,11 +183,9 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Probe(args) => {
-            runtime_then(Runtimes::single(0), |stop, _| async move {
-                probe_standalone(args, stop).await
-            })
-        }
+        Command::Probe(args) => runtime_then(Runtimes::single(0), |stop, _| async move {
+            probe_standalone(args, stop).await
+        }),
         Command::Gate(args) => gate_command(args),
         Command::Rollout(args) => rollout_command(*args),
         Command::Demo {

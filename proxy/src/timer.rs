@@ -280,7 +280,10 @@ mod tests {
                 tasks.push(tokio::spawn(async move {
                     sleep(Duration::from_millis(ms)).await;
                     let at = started.elapsed();
-                    assert!(at >= Duration::from_millis(ms), "{ms} ms sleep ended at {at:?}");
+                    assert!(
+                        at >= Duration::from_millis(ms),
+                        "{ms} ms sleep ended at {at:?}"
+                    );
                     order.lock().expect("order").push(ms);
                 }));
             }
@@ -325,7 +328,11 @@ mod tests {
             assert_eq!(slow, Err(Elapsed));
             assert!(started.elapsed() >= Duration::from_millis(50));
             let past = timeout_at(started, async { "ready wins" }).await;
-            assert_eq!(past, Ok("ready wins"), "a ready future beats a past deadline");
+            assert_eq!(
+                past,
+                Ok("ready wins"),
+                "a ready future beats a past deadline"
+            );
             let past = timeout_at(started, std::future::pending::<()>()).await;
             assert_eq!(past, Err(Elapsed));
         });

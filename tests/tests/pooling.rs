@@ -281,7 +281,10 @@ async fn the_next_session_on_a_left_connection_is_greeted_with_fresh_parameters(
     a.send(&message(b'X', &[])).await;
     drop(a);
 
+    // A's connection is back once its reset is done; until then a new session gets another
+    // one. Those stay open, so that a later attempt cannot be handed one of them again.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut others = Vec::new();
     let mut b = loop {
         let mut b = RawClient::connect_trust(proxy.addr, "trusted", &[])
             .await
@@ -290,12 +293,14 @@ async fn the_next_session_on_a_left_connection_is_greeted_with_fresh_parameters(
         if pid.as_deref() == Some(first_pid.as_str()) {
             break b;
         }
+        others.push(b);
         assert!(
             std::time::Instant::now() < deadline,
             "the connection was not reused"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    drop(others);
     assert_eq!(b.parameters.get("application_name").unwrap(), "");
     assert_eq!(b.parameters.get("DateStyle").unwrap(), &fresh_datestyle);
     let r = b
