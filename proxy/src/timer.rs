@@ -39,38 +39,95 @@ impl std::fmt::Display for Elapsed {
 impl std::error::Error for Elapsed {}
 
 /// Completes at `at`.
-pub async fn sleep_until(at: Instant) {
-    match current() {
-        Some(service) => {
-            OwnSleep {
-                service,
-                at,
-                id: None,
-            }
-            .await
-        }
-        None => tokio::time::sleep_until(at.into()).await,
+pub fn sleep_until(at: Instant) -> Sleep {
+    Sleep {
+        at,
+        own: None,
+        tokio: None,
     }
 }
 
 /// Completes after `duration`.
-pub async fn sleep(duration: Duration) {
-    sleep_until(Instant::now() + duration).await
+pub fn sleep(duration: Duration) -> Sleep {
+    sleep_until(Instant::now() + duration)
 }
 
 /// `future`'s output, or [`Elapsed`] if `at` comes first. The future is polled before the
 /// deadline is looked at, so a future that is ready wins.
-pub async fn timeout_at<F: Future>(at: Instant, future: F) -> Result<F::Output, Elapsed> {
-    tokio::select! {
-        biased;
-        out = future => Ok(out),
-        () = sleep_until(at) => Err(Elapsed),
+pub fn timeout_at<F: Future>(at: Instant, future: F) -> Timeout<F> {
+    Timeout {
+        future,
+        sleep: sleep_until(at),
     }
 }
 
 /// `future`'s output, or [`Elapsed`] if it takes longer than `duration`.
-pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Output, Elapsed> {
-    timeout_at(Instant::now() + duration, future).await
+pub fn timeout<F: Future>(duration: Duration, future: F) -> Timeout<F> {
+    timeout_at(Instant::now() + duration, future)
+}
+
+pin_project_lite::pin_project! {
+    /// A sleep; which timer serves it is decided at its first poll, on the thread that polls
+    /// it. Hand-written rather than an `async fn`, so that wrapping a future in a [`Timeout`]
+    /// does not copy it once more.
+    pub struct Sleep {
+        at: Instant,
+        own: Option<OwnSleep>,
+        #[pin]
+        tokio: Option<tokio::time::Sleep>,
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Some(own) = this.own {
+            return Pin::new(own).poll(cx);
+        }
+        if this.tokio.is_none() {
+            match current() {
+                Some(service) => {
+                    let own = this.own.insert(OwnSleep {
+                        service,
+                        at: *this.at,
+                        id: None,
+                    });
+                    return Pin::new(own).poll(cx);
+                }
+                None => this
+                    .tokio
+                    .set(Some(tokio::time::sleep_until((*this.at).into()))),
+            }
+        }
+        match this.tokio.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`timeout_at`].
+    pub struct Timeout<F> {
+        #[pin]
+        future: F,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.future.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        this.sleep.poll(cx).map(|()| Err(Elapsed))
+    }
 }
 
 thread_local! {
