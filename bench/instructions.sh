@@ -22,7 +22,8 @@ read after the run). Kernel time, the larger part of a proxy's CPU, is not count
 and for throughput, use bench/pgbench.sh.
 
 Environment (defaults in brackets):
-  WORKLOADS      space-separated subset of: select-simple select-prepared tpcb churn
+  WORKLOADS      space-separated subset of: select-simple select-extended select-prepared
+                 tpcb churn
                  [select-simple churn]
   CLIENTS        pgbench clients [4]
   TRANSACTIONS   transactions per client (churn: connections per client) [500; churn 150]
@@ -52,7 +53,7 @@ KEEP_TMP=${KEEP_TMP:-0}
     die "TRANSACTIONS must be a positive whole number, not '$TRANSACTIONS'"
 for w in $WORKLOADS; do
     case "$w" in
-        select-simple | select-prepared | tpcb | churn) ;;
+        select-simple | select-extended | select-prepared | tpcb | churn) ;;
         *) die "unknown workload '$w' in WORKLOADS" ;;
     esac
 done
@@ -208,6 +209,7 @@ printf '"postgres" ""\n' >"$TMP/userlist.txt"
 workload_args() {
     case "$1" in
         select-simple) echo "-S -M simple" ;;
+        select-extended) echo "-S -M extended" ;;
         select-prepared) echo "-S -M prepared" ;;
         tpcb) echo "-M simple" ;;
         churn) echo "-S -C -M simple" ;;
