@@ -74,6 +74,22 @@ impl BackendConn {
     }
 }
 
+/// [`startup_params`] as one string, `name NUL value NUL` each in order: what pools are keyed
+/// by. Unambiguous, as neither can hold a NUL; one allocation, where owned pairs would take
+/// two per parameter for every client connection.
+pub fn startup_key(client_params: &[(String, String)], creds: &Credentials) -> Arc<[u8]> {
+    let params = startup_params(client_params, creds);
+    let len = params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut key = Vec::with_capacity(len);
+    for (k, v) in params {
+        key.extend_from_slice(k.as_bytes());
+        key.push(0);
+        key.extend_from_slice(v.as_bytes());
+        key.push(0);
+    }
+    key.into()
+}
+
 /// Startup parameters as sent to the node: the client's, with graywire's user and an explicit
 /// database (PostgreSQL would otherwise default it to the user name it sees, graywire's).
 pub fn startup_params<'a>(
@@ -536,5 +552,36 @@ mod tests {
         let p = startup_params(&with_db, &creds);
         assert!(p.contains(&("database", "shop")));
         assert!(!p.contains(&("database", "app")));
+    }
+
+    #[test]
+    fn the_pool_key_is_the_node_parameters_in_order_and_tells_every_split_apart() {
+        let creds = Credentials {
+            user: "graywire".into(),
+            password: None,
+        };
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let client = pairs(&[("user", "app"), ("application_name", "ab")]);
+        assert_eq!(
+            &*startup_key(&client, &creds),
+            b"user\0graywire\0application_name\0ab\0database\0app\0".as_slice()
+        );
+        // The same parameters give the same key; a value split differently does not.
+        assert_eq!(
+            startup_key(&client, &creds),
+            startup_key(&client.clone(), &creds)
+        );
+        let shifted = pairs(&[("user", "app"), ("application_namea", "b")]);
+        assert_ne!(startup_key(&client, &creds), startup_key(&shifted, &creds));
+        let reordered = pairs(&[("application_name", "ab"), ("user", "app")]);
+        assert_eq!(
+            startup_key(&reordered, &creds),
+            startup_key(&client, &creds),
+            "the client's user is replaced wherever it came"
+        );
     }
 }

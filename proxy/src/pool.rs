@@ -34,8 +34,9 @@ pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
 pub struct PoolKey {
     pub node: NodeName,
     pub user: String,
-    /// The startup parameters sent to the node, in order (shared with the session).
-    pub params: Arc<[(String, String)]>,
+    /// The startup parameters sent to the node, in order, as [`crate::backend::startup_key`]
+    /// encodes them (shared with the session).
+    pub params: Arc<[u8]>,
     /// Transaction-mode pools limit their connections; session-mode ones only keep idle
     /// connections of ended sessions for the next one (up to `size`, beyond it for
     /// [`SURPLUS_GRACE`]).

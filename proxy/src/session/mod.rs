@@ -166,10 +166,7 @@ async fn run(
     let mut changes = ctx.topology.subscribe();
     changes.mark_unchanged();
     let creds = config.backend_credentials(user);
-    let backend_params: Arc<[(String, String)]> = backend::startup_params(&params.params, creds)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let backend_params = backend::startup_key(&params.params, creds);
     let mode = config.pool_mode_of(user);
     let mut session = Session {
         ctx,
@@ -236,7 +233,7 @@ struct Session<'a> {
     user: UserConfig,
     params: StartupParams,
     /// The startup parameters as sent to nodes (pools are keyed by them).
-    backend_params: Arc<[(String, String)]>,
+    backend_params: Arc<[u8]>,
     target: Target,
     mode: PoolMode,
     /// This session's number (a pooled connection remembers the last session that used it).
