@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -211,7 +212,8 @@ pub struct Config {
     /// Threads that run sessions: 0 one per core, 1 a single-threaded runtime.
     pub worker_threads: usize,
     pub nodes: Vec<NodeConfig>,
-    pub users: Vec<UserConfig>,
+    /// Shared, so a session keeps its user without copying its secrets.
+    pub users: Vec<Arc<UserConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -369,7 +371,7 @@ impl Config {
         raw.validate()
     }
 
-    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+    pub fn user(&self, name: &str) -> Option<&Arc<UserConfig>> {
         self.users.iter().find(|u| u.name == name)
     }
 
@@ -801,7 +803,7 @@ fn validate_nodes(p: &mut Problems, raw: Vec<RawNode>) -> Vec<NodeConfig> {
     nodes
 }
 
-fn validate_users(p: &mut Problems, raw: Vec<RawUser>) -> Vec<UserConfig> {
+fn validate_users(p: &mut Problems, raw: Vec<RawUser>) -> Vec<Arc<UserConfig>> {
     if raw.is_empty() {
         p.add(
             "users",
@@ -937,13 +939,13 @@ fn validate_users(p: &mut Problems, raw: Vec<RawUser>) -> Vec<UserConfig> {
             }
         };
         let pool_mode = parse_pool_mode(p, &key("pool_mode"), u.pool_mode.as_deref());
-        users.push(UserConfig {
+        users.push(Arc::new(UserConfig {
             name: u.name,
             auth,
             backend,
             target,
             pool_mode,
-        });
+        }));
     }
     users
 }

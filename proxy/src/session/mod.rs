@@ -230,7 +230,7 @@ struct Session<'a> {
     config: Arc<Config>,
     client: &'a mut TcpStream,
     who: &'a mut SessionLabel,
-    user: UserConfig,
+    user: Arc<UserConfig>,
     params: StartupParams,
     /// The startup parameters as sent to nodes (pools are keyed by them).
     backend_params: Arc<[u8]>,
@@ -978,7 +978,7 @@ async fn open_and_authenticate<'c>(
     client: &mut TcpStream,
     config: &'c Config,
     who: &mut SessionLabel,
-) -> Result<Option<(StartupParams, &'c UserConfig, SessionSlot)>, SessionError> {
+) -> Result<Option<(StartupParams, &'c Arc<UserConfig>, SessionSlot)>, SessionError> {
     let params = match startup::read_opening(client).await? {
         Opening::Cancel(key) => {
             let outcome = ctx.cancels.forward(key, CANCEL_TIMEOUT).await;
