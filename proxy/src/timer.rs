@@ -1,16 +1,16 @@
-//! Sleeps and timeouts for code that runs on the session thread.
+//! Sleeps and timeouts for everything the proxy runs.
 //!
-//! With `runtime.worker_threads = 1`, sessions run on a single-threaded runtime built without
+//! With `runtime.worker_threads = 1`, the proxy runs on a single-threaded runtime built without
 //! tokio's time driver (see [`crate::runtime`]). That driver costs every park of the event loop
 //! two clock reads and a pass over its timer wheel, several times per transaction, although a
 //! session in steady state has no timer at all. Instead, the thread installs a [`Service`]: its
 //! deadlines in an ordered map behind one timerfd, registered with tokio's IO driver like any
 //! socket. Nothing runs per park; the timerfd wakes the loop only when a deadline is due.
 //!
-//! On a thread without a service (a multi-threaded runtime, the control thread, tests), the same
-//! functions use `tokio::time`. Session code calls these functions, never `tokio::time`'s:
-//! clippy's `disallowed-methods` (in `proxy/clippy.toml`) enforces it outside the control-plane
-//! modules, which run where tokio's timer is.
+//! On a thread without a service (a multi-threaded runtime, the probe's thread, the tests' own
+//! runtimes), the same functions use `tokio::time`. The proxy calls these functions, never
+//! `tokio::time`'s: clippy's `disallowed-methods` (in `proxy/clippy.toml`) enforces it outside
+//! `demo/` and `rollout/`, which build runtimes with tokio's timer.
 #![allow(clippy::disallowed_methods)]
 
 use std::cell::RefCell;
