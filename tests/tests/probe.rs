@@ -147,10 +147,14 @@ async fn skip_mode_leaves_one_gap_per_failed_tick() {
     stop.cancel();
 }
 
+/// The integrated probe on graywire's single-threaded runtime (the probe then gets a thread of
+/// its own, with tokio's timer; the proxy keeps graywire's). `observability.rs` covers the
+/// probe on the multi-threaded runtime.
 fn with_probe(extra: &str) -> ProxyOptions {
     ProxyOptions {
         extra: format!(
-            "[shutdown]\ntimeout = \"3s\"\n\n[pool]\nhold_timeout = \"30s\"\n\n\
+            "[shutdown]\ntimeout = \"3s\"\n\n[runtime]\nworker_threads = 1\n\n\
+             [pool]\nhold_timeout = \"30s\"\n\n\
              [probe]\nuser = \"app\"\npassword = \"app-pw\"\nwriter = \"integrated\"\n\
              attempt_timeout = \"1s\"\nverify_interval = \"300ms\"\n{extra}"
         ),
