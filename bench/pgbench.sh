@@ -701,33 +701,75 @@ summary_table() {
 
 # paired_table: graywire against PgBouncer round by round. Runs of the same round are minutes
 # apart at most, so their ratio cancels slow drift of the machine; the counts show how often
-# graywire came out ahead, which medians over few rounds hide.
+# graywire came out ahead, which medians over few rounds hide. Each median ratio comes with a
+# distribution-free confidence interval (order statistics of the per-round ratios, binomial
+# coverage of at least 90 %), and a verdict: "ahead" or "behind" when the whole interval is on
+# one side of parity, "even" when it holds 1 (the difference is inside the run's noise).
 paired_table() {
     awk -F, -v wls="$WORKLOADS" -v control="$CONTROL" '
         function sort(a, n,   i, j, v) { for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v } }
         function median(a, n) { if (n == 0) return ""; sort(a, n); return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+        # ci_rank(k): the largest j with P(Binomial(k, 1/2) < j) <= 5 %, so that the j-th
+        # smallest and j-th largest of k ratios bound their median with >= 90 % confidence;
+        # 0 when k is too small for any interval (k < 5).
+        function ci_rank(k,   j, c, p, cdf) {
+            cdf = 0; p = 0.5 ^ k; c = 1
+            for (j = 0; j < k; j++) {
+                cdf += c * p
+                if (cdf > 0.05) return j
+                c = c * (k - j) / (j + 1)
+            }
+            return 0
+        }
+        # interval(a, k): "median [lo..hi]" of the k values in a (sorted by median()).
+        function interval(a, k,   m, j) {
+            m = median(a, k); j = ci_rank(k)
+            if (j == 0) { LO = ""; HI = ""; return sprintf("%.3f", m) }
+            LO = a[j]; HI = a[k + 1 - j]
+            return sprintf("%.3f [%.3f..%.3f]", m, LO, HI)
+        }
+        # verdict(higher_is_better): where the last interval lies against parity.
+        function verdict(up) {
+            if (LO == "") return "n/a"
+            if (LO + 0 > 1) return up ? "ahead" : "behind"
+            if (HI + 0 < 1) return up ? "behind" : "ahead"
+            return "even"
+        }
         NR > 1 && $10 == "ok" { tps[$2, $5, $3] = $11 + 0; cpu[$2, $5, $3] = $18; if ($3 + 0 > maxr) maxr = $3 + 0 }
-        function pair(w, g, p, label,   r, k, nt, nc, wt, wc, rt) {
+        function pair(w, g, p, label,   r, k, nc, wt, wc, rt, rc, ti, tv, ci, cv) {
             k = 0; wt = 0; wc = 0; nc = 0
             for (r = 1; r <= maxr; r++) {
                 if (!((w, g, r) in tps) || !((w, p, r) in tps) || tps[w, p, r] <= 0) continue
                 rt[++k] = tps[w, g, r] / tps[w, p, r]
                 if (tps[w, g, r] >= tps[w, p, r]) wt++
-                if (cpu[w, g, r] != "" && cpu[w, p, r] != "") { nc++; if (cpu[w, g, r] + 0 <= cpu[w, p, r] + 0) wc++ }
+                if (cpu[w, g, r] != "" && cpu[w, p, r] + 0 > 0) {
+                    rc[++nc] = cpu[w, g, r] / cpu[w, p, r]
+                    if (cpu[w, g, r] + 0 <= cpu[w, p, r] + 0) wc++
+                }
             }
             if (k == 0) return
-            printf "  %-16s %8d %22.3f %17s %17s\n", label, k, median(rt, k), wt "/" k, (nc ? wc "/" nc : "n/a")
+            ti = interval(rt, k); tv = verdict(1)
+            if (nc) { ci = interval(rc, nc); cv = verdict(0) } else { ci = "n/a"; cv = "n/a" }
+            printf "  %-16s %6d %8s %8s   %-24s %-7s %-24s %s\n", label, k, wt "/" k, (nc ? wc "/" nc : "n/a"), ti, tv, ci, cv
+            if (tv == "behind" || cv == "behind") BEHIND[label] = 1
+        }
+        function header(who) {
+            printf "  %-16s %6s %8s %8s   %-24s %-7s %-24s %s\n", "workload", "rounds", "TPS >=", "CPU <=", who " TPS (90% CI)", "TPS", who " CPU (90% CI)", "CPU"
         }
         END {
-            printf "  %-16s %8s %22s %17s %17s\n", "workload", "rounds", "median gw/pgb TPS", "gw TPS >= pgb", "gw CPU <= pgb"
+            header("gw/pgb")
             nw = split(wls, w, " ")
             for (i = 1; i <= nw; i++) {
                 pair(w[i], "graywire", "pgbouncer", w[i])
                 pair(w[i], "graywire-tx", "pgbouncer-tx", "  (transaction)")
             }
+            nb = 0
+            for (i = 1; i <= nw; i++) if (w[i] in BEHIND) nb++
+            printf "\n  graywire is behind PgBouncer beyond this run'"'"'s noise (TPS or CPU) on %d of %d workload(s) in session mode\n", nb, nw
             if (control) {
+                delete BEHIND
                 printf "\n  control: the second PgBouncer (pgbouncer-b) in place of graywire, against the first\n"
-                printf "  %-16s %8s %22s %17s %17s\n", "workload", "rounds", "median pgb-b/pgb TPS", "pgb-b TPS >= pgb", "pgb-b CPU <= pgb"
+                header("b/pgb")
                 for (i = 1; i <= nw; i++) pair(w[i], "pgbouncer-b", "pgbouncer", w[i])
             }
         }' "$CSV"
