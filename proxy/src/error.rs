@@ -201,6 +201,10 @@ pub enum RequestError {
     /// The client cancelled its request while it was held.
     #[error("canceling statement due to user request")]
     Cancelled,
+    /// graywire began to stop while the request was held. Not answered as an ERROR: the
+    /// session ends with FATAL 57P01, like an idle session at shutdown.
+    #[error("terminating connection due to administrator command")]
+    Shutdown,
     /// Like PostgreSQL: commands in a failed transaction are refused until it ends.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     InFailedTransaction,
@@ -216,6 +220,7 @@ impl RequestError {
             }
             RequestError::InFailedTransaction => SqlState::IN_FAILED_SQL_TRANSACTION,
             RequestError::Cancelled => SqlState::QUERY_CANCELED,
+            RequestError::Shutdown => SqlState::ADMIN_SHUTDOWN,
         }
     }
 
@@ -318,6 +323,7 @@ mod tests {
             ),
             (RequestError::InFailedTransaction, "25P02"),
             (RequestError::Cancelled, "57014"),
+            (RequestError::Shutdown, "57P01"),
         ];
         for (e, code) in cases {
             assert_eq!(e.sqlstate().code(), code, "{e}");

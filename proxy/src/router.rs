@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{NodeConfig, RoutingConfig, Target, UserConfig};
 use crate::error::SessionError;
 use crate::load::NodeLoads;
@@ -132,10 +134,13 @@ pub fn fits(snapshot: &Snapshot, node: &NodeName, target: Target, routing: &Rout
 }
 
 /// Holds until `ready` finds what it needs in the topology (re-asked on every change), or
-/// fails with 57P03 at `deadline`. Counted as held only if it had to wait.
+/// fails with 57P03 at `deadline`, or with [`SessionError::Shutdown`] once `stop` is cancelled
+/// (graywire is stopping: a request that has no node yet is not kept waiting). Counted as held
+/// only if it had to wait.
 pub async fn hold<T>(
     topology: &Topology,
     deadline: std::time::Instant,
+    stop: &CancellationToken,
     mut ready: impl FnMut(&Snapshot) -> Option<T>,
 ) -> Result<T, SessionError> {
     let mut changes = topology.subscribe();
@@ -159,6 +164,7 @@ pub async fn hold<T>(
             _ = crate::timer::sleep_until(deadline) => {
                 break Err(SessionError::NoPrimary(started.elapsed()));
             }
+            () = stop.cancelled() => break Err(SessionError::Shutdown),
         }
     };
     held.decrement(1.0);
@@ -173,9 +179,10 @@ pub async fn wait_for_node(
     routing: &RoutingConfig,
     loads: &NodeLoads,
     hold_timeout: Duration,
+    stop: &CancellationToken,
 ) -> Result<NodeConfig, SessionError> {
     let deadline = std::time::Instant::now() + hold_timeout;
-    hold(topology, deadline, |snap| {
+    hold(topology, deadline, stop, |snap| {
         if snap.paused {
             return None;
         }
@@ -188,9 +195,10 @@ pub async fn wait_for_node(
 pub async fn wait_for_primary(
     topology: &Topology,
     hold_timeout: Duration,
+    stop: &CancellationToken,
 ) -> Result<NodeConfig, SessionError> {
     let deadline = std::time::Instant::now() + hold_timeout;
-    hold(topology, deadline, |snap| primary(snap).cloned()).await
+    hold(topology, deadline, stop, |snap| primary(snap).cloned()).await
 }
 
 #[cfg(test)]
@@ -397,16 +405,45 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_ends_when_a_primary_appears_or_times_out() {
+        let stop = CancellationToken::new();
         let t = std::sync::Arc::new(Topology::new(&nodes(2)));
-        let err = wait_for_primary(&t, Duration::from_secs(2)).await;
+        let err = wait_for_primary(&t, Duration::from_secs(2), &stop).await;
         assert!(matches!(err, Err(SessionError::NoPrimary(_))));
 
         let t2 = t.clone();
-        let waiter =
-            tokio::spawn(async move { wait_for_primary(&t2, Duration::from_secs(10)).await });
+        let waiter = tokio::spawn(async move {
+            wait_for_primary(&t2, Duration::from_secs(10), &CancellationToken::new()).await
+        });
         crate::timer::sleep(Duration::from_secs(1)).await;
         see(&t, 1, Role::Primary);
         let got = waiter.await.expect("join").expect("primary");
         assert_eq!(got.port, 5001);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_ends_at_once_when_graywire_stops_unless_a_node_is_ready() {
+        let t = std::sync::Arc::new(Topology::new(&nodes(2)));
+        let stop = CancellationToken::new();
+        let (t2, stop2) = (t.clone(), stop.clone());
+        let waiter = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let r = wait_for_primary(&t2, Duration::from_secs(60), &stop2).await;
+            (r, started.elapsed())
+        });
+        crate::timer::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        let (r, waited) = waiter.await.expect("join");
+        assert!(matches!(r, Err(SessionError::Shutdown)), "{r:?}");
+        // The paused clock advances in whole milliseconds: the stop ended the hold, not its
+        // 60 s deadline.
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_millis(1010),
+            "{waited:?}"
+        );
+
+        // A node that is there already is taken, stopping or not: nothing was held.
+        see(&t, 0, Role::Primary);
+        let got = wait_for_primary(&t, Duration::from_secs(60), &stop).await;
+        assert_eq!(got.expect("primary").port, 5000);
     }
 }

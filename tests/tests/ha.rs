@@ -707,3 +707,57 @@ async fn a_cancel_request_ends_a_held_request_with_57014() {
     c.simple_query("SELECT 1").await.unwrap();
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_held_requests_and_connections_with_57p01_at_once() {
+    let cluster = start_cluster(1).await;
+    // A long hold and a long grace: neither may be what ends the waiting.
+    let opts = ProxyOptions {
+        extra: "[shutdown]\ntimeout = \"20s\"\n\n[pool]\nhold_timeout = \"30s\"\n\n[runtime]\nworker_threads = 1\n".into(),
+        ..ProxyOptions::default()
+    };
+    let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
+    let c = Arc::new(proxy.connect("app").await);
+    proxy.admin_post("/v1/pause").await;
+    let held_request = {
+        let c = c.clone();
+        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
+    };
+    let dsn = proxy.dsn("app");
+    let held_connection = tokio::spawn(async move { graywire_tests::connect_refused(&dsn).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held_request.is_finished(),
+        "the request is held while paused"
+    );
+    assert!(!held_connection.is_finished(), "so is the new connection");
+
+    let started = Instant::now();
+    proxy.shutdown().await;
+    let stopped_in = started.elapsed();
+    assert!(
+        stopped_in < Duration::from_secs(5),
+        "graywire stopped in {stopped_in:?}, not at the grace or hold deadline"
+    );
+    let err = tokio::time::timeout(Duration::from_secs(2), held_request)
+        .await
+        .expect("the held request ends with the shutdown")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    for _ in 0..20 {
+        if c.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.is_closed(),
+        "the session is closed, as an idle one would be"
+    );
+    let err = tokio::time::timeout(Duration::from_secs(2), held_connection)
+        .await
+        .expect("the held connection ends with the shutdown")
+        .unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+}

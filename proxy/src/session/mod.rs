@@ -294,6 +294,7 @@ impl Session<'_> {
             let attached = cancel.cancellable(self.attach_for_request()).await;
             let refused = match attached {
                 Some(Ok(())) => None,
+                Some(Err(RequestError::Shutdown)) => return Err(SessionError::Shutdown),
                 Some(Err(e)) => Some(e),
                 None => Some(RequestError::Cancelled),
             };
@@ -395,14 +396,20 @@ impl Session<'_> {
             // Paused: the client's next transaction waits here, its connection untouched.
             let deadline = std::time::Instant::now() + self.config.hold_timeout;
             let started = std::time::Instant::now();
+            let stop = &self.ctx.shutdown.soft;
             let held = self
                 .cancel
-                .cancellable(router::hold(&self.ctx.topology, deadline, |s| {
+                .cancellable(router::hold(&self.ctx.topology, deadline, stop, |s| {
                     (!s.paused).then_some(())
                 }))
                 .await;
             let refused = match held {
                 Some(Ok(())) => None,
+                Some(Err(SessionError::Shutdown)) => {
+                    // As at any boundary during shutdown: the connection is idle, end it.
+                    self.close_backend().await;
+                    return Err(SessionError::Shutdown);
+                }
                 Some(Err(_)) => Some(RequestError::NoNode(started.elapsed())),
                 None => Some(RequestError::Cancelled),
             };
@@ -687,14 +694,22 @@ impl Session<'_> {
             let routing = &self.config.routing;
             let loads = &self.ctx.loads;
             let target = self.target;
-            let node = router::hold(&self.ctx.topology, deadline, |snap| {
-                if snap.paused {
-                    return None;
-                }
-                router::choose(snap, target, routing, loads).cloned()
-            })
+            let node = router::hold(
+                &self.ctx.topology,
+                deadline,
+                &self.ctx.shutdown.soft,
+                |snap| {
+                    if snap.paused {
+                        return None;
+                    }
+                    router::choose(snap, target, routing, loads).cloned()
+                },
+            )
             .await
-            .map_err(|_| RequestError::NoNode(started.elapsed()))?;
+            .map_err(|e| match e {
+                SessionError::Shutdown => RequestError::Shutdown,
+                _ => RequestError::NoNode(started.elapsed()),
+            })?;
             match self.attach(&node).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_node_failure() || is_transient_refusal(&e) => {
@@ -726,6 +741,7 @@ impl Session<'_> {
             &self.config.routing,
             &self.ctx.loads,
             self.config.hold_timeout,
+            &self.ctx.shutdown.soft,
         )
         .await?;
         let leased = match self.lease(&node).await {
