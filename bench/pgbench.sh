@@ -6,7 +6,7 @@
 #   bench/pgbench.sh --quick    # smoke run (DURATION=3 ROUNDS=1)
 #
 # Environment: DURATION ROUNDS CLIENTS JOBS SCALE WARMUP WORKLOADS RESULTS_DIR GRAYWIRE_BIN
-#              GW_THREADS TX_TARGETS CONTROL
+#              GW_THREADS TX_TARGETS CONTROL ORDER SEED
 #              PGBOUNCER_BIN PG_BINDIR CHURN_EXTRAS KEEP_TMP (see --help).
 set -euo pipefail
 
@@ -18,7 +18,7 @@ usage() {
 Usage: bench/pgbench.sh [--quick] [--help]
 
 Starts a throwaway PostgreSQL primary, graywire and PgBouncer on free loopback ports, runs
-pgbench workloads against each (interleaved, rotating order), prints median TPS, the ratio to
+pgbench workloads against each (interleaved, in a new order every round), prints median TPS, the ratio to
 direct and the proxies' CPU microseconds per transaction, and writes raw numbers as CSV.
 
 Options:
@@ -41,6 +41,11 @@ Environment (defaults in brackets):
                  (target pgbouncer-b), and the report shows how often it comes out ahead of
                  the first: the share of graywire-against-PgBouncer comparisons that noise
                  alone can decide [0]
+  ORDER          the order of the targets within a round: shuffle (a random permutation every
+                 round, so no target always runs right after another) or rotate (the same
+                 cycle, shifted by one each round) [shuffle]
+  SEED           seed of the shuffle; the report prints it, so a run's order can be repeated
+                 [from the clock]
   RESULTS_DIR    where the CSV and the report go [bench/results]
   GRAYWIRE_BIN   use this graywire binary instead of `cargo build --release -p graywire`
   GW_THREADS     graywire's runtime.worker_threads: 1 single-threaded like PgBouncer, 0 one
@@ -76,11 +81,15 @@ TX_TARGETS=${TX_TARGETS:-0}
 CONTROL=${CONTROL:-0}
 RESULTS_DIR=${RESULTS_DIR:-$SCRIPT_DIR/results}
 KEEP_TMP=${KEEP_TMP:-0}
+ORDER=${ORDER:-shuffle}
+SEED=${SEED:-$(($(date +%s) % 32768))}
 
 die() { echo "pgbench.sh: error: $*" >&2; exit 1; }
 log() { echo "pgbench.sh: $*" >&2; }
 
 [[ $CONTROL == 0 || $CONTROL == 1 ]] || die "CONTROL must be 0 or 1, not '$CONTROL'"
+[[ $ORDER == shuffle || $ORDER == rotate ]] || die "ORDER must be shuffle or rotate, not '$ORDER'"
+[[ $SEED =~ ^[0-9]+$ ]] || die "SEED must be a whole number, not '$SEED'"
 for v in DURATION ROUNDS CLIENTS JOBS SCALE WARMUP; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, not '${!v}'"
 done
@@ -491,7 +500,7 @@ say "                auth_type=trust, default_pool_size=$PB_POOL_SIZE, log_conne
 say "  postgresql  : $PG_VERSION, throwaway primary; fsync=off, full_page_writes=off, synchronous_commit=off"
 say "                (benchmark only: unsafe), shared_buffers=128MB, max_connections=200"
 say "  direct      : pgbench over TCP loopback to postgres as superuser with scram-sha-256"
-say "  pgbench     : -c $CLIENTS -j $JOBS -T $DURATION -n, scale $SCALE, $ROUNDS round(s), order rotates each round"
+say "  pgbench     : -c $CLIENTS -j $JOBS -T $DURATION -n, scale $SCALE, $ROUNDS round(s), order: $ORDER (SEED=$SEED)"
 say "  load avg    : $LOAD_START (1/5/15 min) before the runs; anything else busy on the machine skews TPS"
 say "  proxy idle  : graywire ${GW_IDLE_MS} ms CPU/s, pgbouncer ${PB_IDLE_MS} ms CPU/s (included in the per-transaction figures)"
 say "  raw numbers : $CSV"
@@ -786,15 +795,34 @@ if ((WARMUP > 0)); then
     done
 fi
 
+# round_order N ROUND OFFSET: sets ROUND_ORDER to the order of N targets (as indexes) in one
+# round. The rotation spreads drift and warm-up over all targets alike; with ORDER=shuffle a
+# random permutation on top of it also breaks the fixed cycle, in which each target always
+# follows the same one (and inherits what that one leaves behind: backends exiting after
+# `direct`, a busier page cache). Not run in a subshell, so $RANDOM's sequence goes on.
+round_order() {
+    local n=$1 round=$2 offset=$3 i j t
+    ROUND_ORDER=()
+    for ((i = 0; i < n; i++)); do ROUND_ORDER[i]=$(((i + round - 1 + offset) % n)); done
+    [[ $ORDER == shuffle ]] || return 0
+    for ((i = n - 1; i > 0; i--)); do
+        j=$((RANDOM % (i + 1)))
+        t=${ROUND_ORDER[i]}
+        ROUND_ORDER[i]=${ROUND_ORDER[j]}
+        ROUND_ORDER[j]=$t
+    done
+}
+
+RANDOM=$SEED
 wl_index=0
 for wl in $WORKLOADS; do
     read -r -a tgs <<<"$(targets_for "$wl")"
     nt=${#tgs[@]}
     log "workload $wl: $(workload_title "$wl")"
     for ((round = 1; round <= ROUNDS; round++)); do
-        # Rotate the order each round (and per workload) so drift and warm-up hit all targets alike.
+        round_order "$nt" "$round" "$wl_index"
         for ((p = 0; p < nt; p++)); do
-            run_one "$wl" "$round" $((p + 1)) "${tgs[(p + round - 1 + wl_index) % nt]}"
+            run_one "$wl" "$round" $((p + 1)) "${tgs[ROUND_ORDER[p]]}"
         done
     done
     say "== $(workload_title "$wl") =="
