@@ -16,6 +16,7 @@ REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 usage() {
     cat <<'EOF'
 Usage: bench/pgbench.sh [--quick] [--help]
+       bench/pgbench.sh --pool CSV...
 
 Starts a throwaway PostgreSQL primary, graywire and PgBouncer on free loopback ports, runs
 pgbench workloads against each (interleaved, in a new order every round), prints median TPS, the ratio to
@@ -23,6 +24,9 @@ direct and the proxies' CPU microseconds per transaction, and writes raw numbers
 
 Options:
   --quick        smoke run: DURATION=3 ROUNDS=1 WARMUP=1 (unless set in the environment)
+  --pool CSV...  runs nothing: prints the paired table (graywire and the control against
+                 PgBouncer, round by round, with intervals) pooled over the rounds of earlier
+                 runs' CSV files
   -h, --help     this text
 
 Environment (defaults in brackets):
@@ -56,7 +60,105 @@ Environment (defaults in brackets):
 EOF
 }
 
+# paired_table: graywire against PgBouncer round by round. Runs of the same round are minutes
+# apart at most, so their ratio cancels slow drift of the machine; the counts show how often
+# graywire came out ahead, which medians over few rounds hide. Each median ratio comes with a
+# distribution-free confidence interval (order statistics of the per-round ratios, binomial
+# coverage of at least 90 %), and a verdict: "ahead" or "behind" when the whole interval is on
+# one side of parity, "even" when it holds 1 (the difference is inside the run's noise).
+# paired_table CSV...: several runs' files pool their rounds (each round is still paired
+# within its own run); the control section appears when the files have pgbouncer-b rounds.
+paired_table() {
+    awk -F, -v wls="${WORKLOADS:-select-simple select-extended select-prepared tpcb churn}" '
+        function sort(a, n,   i, j, v) { for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v } }
+        function median(a, n) { if (n == 0) return ""; sort(a, n); return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+        # ci_rank(k): the largest j with P(Binomial(k, 1/2) < j) <= 5 %, so that the j-th
+        # smallest and j-th largest of k ratios bound their median with >= 90 % confidence;
+        # 0 when k is too small for any interval (k < 5).
+        function ci_rank(k,   j, c, p, cdf) {
+            cdf = 0; p = 0.5 ^ k; c = 1
+            for (j = 0; j < k; j++) {
+                cdf += c * p
+                if (cdf > 0.05) return j
+                c = c * (k - j) / (j + 1)
+            }
+            return 0
+        }
+        # interval(a, k): "median [lo..hi]" of the k values in a (sorted by median()).
+        function interval(a, k,   m, j) {
+            m = median(a, k); j = ci_rank(k)
+            if (j == 0) { LO = ""; HI = ""; return sprintf("%.3f", m) }
+            LO = a[j]; HI = a[k + 1 - j]
+            return sprintf("%.3f [%.3f..%.3f]", m, LO, HI)
+        }
+        # verdict(higher_is_better): where the last interval lies against parity.
+        function verdict(up) {
+            if (LO == "") return "n/a"
+            if (LO + 0 > 1) return up ? "ahead" : "behind"
+            if (HI + 0 < 1) return up ? "behind" : "ahead"
+            return "even"
+        }
+        FNR > 1 && $10 == "ok" {
+            r = FILENAME "#" $3
+            if (!(r in seen)) { seen[r] = 1; rounds[++nr] = r }
+            tps[$2, $5, r] = $11 + 0; cpu[$2, $5, r] = $18
+            if ($5 == "pgbouncer-b") control = 1
+        }
+        function pair(w, g, p, label,   i, r, k, nc, wt, wc, rt, rc, ti, tv, ci, cv) {
+            k = 0; wt = 0; wc = 0; nc = 0
+            for (i = 1; i <= nr; i++) {
+                r = rounds[i]
+                if (!((w, g, r) in tps) || !((w, p, r) in tps) || tps[w, p, r] <= 0) continue
+                rt[++k] = tps[w, g, r] / tps[w, p, r]
+                if (tps[w, g, r] >= tps[w, p, r]) wt++
+                if (cpu[w, g, r] != "" && cpu[w, p, r] + 0 > 0) {
+                    rc[++nc] = cpu[w, g, r] / cpu[w, p, r]
+                    if (cpu[w, g, r] + 0 <= cpu[w, p, r] + 0) wc++
+                }
+            }
+            if (k == 0) return
+            ti = interval(rt, k); tv = verdict(1)
+            if (tv != "n/a") HAVE[label] = 1
+            if (nc) { ci = interval(rc, nc); cv = verdict(0) } else { ci = "n/a"; cv = "n/a" }
+            printf "  %-16s %6d %8s %8s   %-24s %-7s %-24s %s\n", label, k, wt "/" k, (nc ? wc "/" nc : "n/a"), ti, tv, ci, cv
+            if (tv == "behind" || cv == "behind") BEHIND[label] = 1
+        }
+        function header(who) {
+            printf "  %-16s %6s %8s %8s   %-24s %-7s %-24s %s\n", "workload", "rounds", "TPS >=", "CPU <=", who " TPS (90% CI)", "TPS", who " CPU (90% CI)", "CPU"
+        }
+        END {
+            header("gw/pgb")
+            nw = split(wls, w, " ")
+            for (i = 1; i <= nw; i++) {
+                pair(w[i], "graywire", "pgbouncer", w[i])
+                pair(w[i], "graywire-tx", "pgbouncer-tx", "  (transaction)")
+            }
+            nb = 0; nh = 0
+            for (i = 1; i <= nw; i++) { if (w[i] in BEHIND) nb++; if (w[i] in HAVE) nh++ }
+            if (nh) printf "\n  graywire is behind PgBouncer beyond the noise of these rounds (TPS or CPU) on %d of %d workload(s) in session mode\n", nb, nh
+            else printf "\n  no intervals: a workload needs at least 5 rounds for one\n"
+            if (control) {
+                delete BEHIND
+                printf "\n  control: the second PgBouncer (pgbouncer-b) in place of graywire, against the first\n"
+                header("b/pgb")
+                for (i = 1; i <= nw; i++) pair(w[i], "pgbouncer-b", "pgbouncer", w[i])
+            }
+        }' "$@"
+}
+
 QUICK=0
+if [[ ${1:-} == --pool ]]; then
+    shift
+    (($# > 0)) || { echo "pgbench.sh: --pool needs at least one CSV file" >&2; exit 64; }
+    for f in "$@"; do
+        [[ -r $f ]] || { echo "pgbench.sh: cannot read $f" >&2; exit 64; }
+        head -n 1 "$f" | grep -q '^timestamp,workload,round,' ||
+            { echo "pgbench.sh: $f is not a pgbench.sh CSV" >&2; exit 64; }
+    done
+    echo "== paired by round, pooled over $# run(s): graywire against PgBouncer in the same round =="
+    paired_table "$@"
+    exit 0
+fi
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
@@ -708,82 +810,6 @@ summary_table() {
         }' "$CSV"
 }
 
-# paired_table: graywire against PgBouncer round by round. Runs of the same round are minutes
-# apart at most, so their ratio cancels slow drift of the machine; the counts show how often
-# graywire came out ahead, which medians over few rounds hide. Each median ratio comes with a
-# distribution-free confidence interval (order statistics of the per-round ratios, binomial
-# coverage of at least 90 %), and a verdict: "ahead" or "behind" when the whole interval is on
-# one side of parity, "even" when it holds 1 (the difference is inside the run's noise).
-paired_table() {
-    awk -F, -v wls="$WORKLOADS" -v control="$CONTROL" '
-        function sort(a, n,   i, j, v) { for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v } }
-        function median(a, n) { if (n == 0) return ""; sort(a, n); return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-        # ci_rank(k): the largest j with P(Binomial(k, 1/2) < j) <= 5 %, so that the j-th
-        # smallest and j-th largest of k ratios bound their median with >= 90 % confidence;
-        # 0 when k is too small for any interval (k < 5).
-        function ci_rank(k,   j, c, p, cdf) {
-            cdf = 0; p = 0.5 ^ k; c = 1
-            for (j = 0; j < k; j++) {
-                cdf += c * p
-                if (cdf > 0.05) return j
-                c = c * (k - j) / (j + 1)
-            }
-            return 0
-        }
-        # interval(a, k): "median [lo..hi]" of the k values in a (sorted by median()).
-        function interval(a, k,   m, j) {
-            m = median(a, k); j = ci_rank(k)
-            if (j == 0) { LO = ""; HI = ""; return sprintf("%.3f", m) }
-            LO = a[j]; HI = a[k + 1 - j]
-            return sprintf("%.3f [%.3f..%.3f]", m, LO, HI)
-        }
-        # verdict(higher_is_better): where the last interval lies against parity.
-        function verdict(up) {
-            if (LO == "") return "n/a"
-            if (LO + 0 > 1) return up ? "ahead" : "behind"
-            if (HI + 0 < 1) return up ? "behind" : "ahead"
-            return "even"
-        }
-        NR > 1 && $10 == "ok" { tps[$2, $5, $3] = $11 + 0; cpu[$2, $5, $3] = $18; if ($3 + 0 > maxr) maxr = $3 + 0 }
-        function pair(w, g, p, label,   r, k, nc, wt, wc, rt, rc, ti, tv, ci, cv) {
-            k = 0; wt = 0; wc = 0; nc = 0
-            for (r = 1; r <= maxr; r++) {
-                if (!((w, g, r) in tps) || !((w, p, r) in tps) || tps[w, p, r] <= 0) continue
-                rt[++k] = tps[w, g, r] / tps[w, p, r]
-                if (tps[w, g, r] >= tps[w, p, r]) wt++
-                if (cpu[w, g, r] != "" && cpu[w, p, r] + 0 > 0) {
-                    rc[++nc] = cpu[w, g, r] / cpu[w, p, r]
-                    if (cpu[w, g, r] + 0 <= cpu[w, p, r] + 0) wc++
-                }
-            }
-            if (k == 0) return
-            ti = interval(rt, k); tv = verdict(1)
-            if (nc) { ci = interval(rc, nc); cv = verdict(0) } else { ci = "n/a"; cv = "n/a" }
-            printf "  %-16s %6d %8s %8s   %-24s %-7s %-24s %s\n", label, k, wt "/" k, (nc ? wc "/" nc : "n/a"), ti, tv, ci, cv
-            if (tv == "behind" || cv == "behind") BEHIND[label] = 1
-        }
-        function header(who) {
-            printf "  %-16s %6s %8s %8s   %-24s %-7s %-24s %s\n", "workload", "rounds", "TPS >=", "CPU <=", who " TPS (90% CI)", "TPS", who " CPU (90% CI)", "CPU"
-        }
-        END {
-            header("gw/pgb")
-            nw = split(wls, w, " ")
-            for (i = 1; i <= nw; i++) {
-                pair(w[i], "graywire", "pgbouncer", w[i])
-                pair(w[i], "graywire-tx", "pgbouncer-tx", "  (transaction)")
-            }
-            nb = 0
-            for (i = 1; i <= nw; i++) if (w[i] in BEHIND) nb++
-            printf "\n  graywire is behind PgBouncer beyond this run'"'"'s noise (TPS or CPU) on %d of %d workload(s) in session mode\n", nb, nw
-            if (control) {
-                delete BEHIND
-                printf "\n  control: the second PgBouncer (pgbouncer-b) in place of graywire, against the first\n"
-                header("b/pgb")
-                for (i = 1; i <= nw; i++) pair(w[i], "pgbouncer-b", "pgbouncer", w[i])
-            }
-        }' "$CSV"
-}
-
 # Warm-up: page cache, shared buffers, pools. Not measured.
 if ((WARMUP > 0)); then
     log "warm-up: ${WARMUP}s select-only per target"
@@ -847,7 +873,7 @@ say "  ratios < 1 mean slower than connecting directly; on a small machine the p
 say "  pgbench and postgres for the CPUs, so the CPU us/tx columns are the more stable comparison."
 say ""
 say "== paired by round: graywire against PgBouncer in the same round =="
-paired_table | tee -a "$REPORT"
+paired_table "$CSV" | tee -a "$REPORT"
 
 sed 's/\x1b\[[0-9;]*m//g' "$GW_LOG" >"$RESULTS_DIR/pgbench-$STAMP-graywire.log"
 GW_PROBLEMS=$(grep -cE ' (WARN|ERROR) ' "$RESULTS_DIR/pgbench-$STAMP-graywire.log" || true)
