@@ -710,10 +710,24 @@ async fn a_cancel_request_ends_a_held_request_with_57014() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_held_requests_and_connections_with_57p01_at_once() {
+    // Session mode: the paused request waits at its boundary, on its own connection.
+    shutdown_ends_holds("session").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_transaction_mode_shutdown_ends_held_requests_with_57p01_at_once() {
+    // Transaction mode: the session is detached between transactions, so its request waits
+    // for a node like a new session's.
+    shutdown_ends_holds("transaction").await;
+}
+
+async fn shutdown_ends_holds(mode: &str) {
     let cluster = start_cluster(1).await;
     // A long hold and a long grace: neither may be what ends the waiting.
     let opts = ProxyOptions {
-        extra: "[shutdown]\ntimeout = \"20s\"\n\n[pool]\nhold_timeout = \"30s\"\n\n[runtime]\nworker_threads = 1\n".into(),
+        extra: format!(
+            "[shutdown]\ntimeout = \"20s\"\n\n[pool]\nmode = \"{mode}\"\nhold_timeout = \"30s\"\n\n[runtime]\nworker_threads = 1\n"
+        ),
         ..ProxyOptions::default()
     };
     let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
