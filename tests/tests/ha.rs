@@ -21,6 +21,14 @@ fn ha_options(hold: &str) -> ProxyOptions {
     }
 }
 
+/// `SELECT 1` on `c` in a task of its own, for a request the test expects to be held.
+fn spawn_select_1(
+    c: &Arc<tokio_postgres::Client>,
+) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
+    let c = c.clone();
+    tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
+}
+
 const READ_ONLY: &str = " options='-c default_transaction_read_only=on'";
 
 /// Every (writer, n) row in `table` on node `i`, read directly.
@@ -394,10 +402,7 @@ async fn pause_holds_transactions_and_resume_releases_them() {
 
     let (status, body) = proxy.admin_post("/v1/pause").await;
     assert_eq!(status, 200, "{body}");
-    let held = {
-        let c = c.clone();
-        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
-    };
+    let held = spawn_select_1(&c);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "a paused transaction waits");
     let (status, _) = proxy.admin_post("/v1/resume").await;
@@ -688,10 +693,7 @@ async fn a_cancel_request_ends_a_held_request_with_57014() {
     let c = Arc::new(proxy.connect("app").await);
     let token = c.cancel_token();
     proxy.admin_post("/v1/pause").await;
-    let held = {
-        let c = c.clone();
-        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
-    };
+    let held = spawn_select_1(&c);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "held while paused");
     let started = Instant::now();
@@ -733,10 +735,7 @@ async fn shutdown_ends_holds(mode: &str) {
     let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
     let c = Arc::new(proxy.connect("app").await);
     proxy.admin_post("/v1/pause").await;
-    let held_request = {
-        let c = c.clone();
-        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
-    };
+    let held_request = spawn_select_1(&c);
     let dsn = proxy.dsn("app");
     let held_connection = tokio::spawn(async move { graywire_tests::connect_refused(&dsn).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
