@@ -19,6 +19,7 @@ use crate::error::BackendError;
 use crate::protocol::message::{Parameters, TxStatus};
 use crate::protocol::scram::{ClientKeyCache, ScramClient};
 use crate::protocol::startup::CancelKey;
+use crate::protocol::SqlState;
 use crate::topology::NodeName;
 
 /// An authenticated backend connection at its first transaction boundary.
@@ -263,12 +264,14 @@ async fn connect_inner(
                 });
             }
             Message::ErrorResponse(body) => {
-                let mut sqlstate = String::new();
+                let mut sqlstate = SqlState::INTERNAL_ERROR;
                 let mut message = String::new();
                 let mut fields = body.fields();
                 while let Ok(Some(f)) = fields.next() {
                     match f.type_() {
-                        b'C' => sqlstate = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        b'C' => {
+                            sqlstate = SqlState::reported(&String::from_utf8_lossy(f.value_bytes()))
+                        }
                         b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
                         _ => {}
                     }
@@ -338,7 +341,7 @@ pub struct Exchange {
     /// DataRow values as text, in order.
     pub rows: Vec<Vec<Option<String>>>,
     /// ErrorResponses: (SQLSTATE, message).
-    pub errors: Vec<(String, String)>,
+    pub errors: Vec<(SqlState, String)>,
     /// ParameterStatus values the node reported meanwhile.
     pub parameters: Vec<(String, String)>,
     /// NotificationResponse messages that arrived meanwhile, to pass on to the client.
@@ -424,8 +427,8 @@ fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
 }
 
 /// (SQLSTATE, message) of an ErrorResponse body.
-pub fn error_fields(mut body: &[u8]) -> (String, String) {
-    let (mut code, mut message) = (String::new(), String::new());
+pub fn error_fields(mut body: &[u8]) -> (SqlState, String) {
+    let (mut code, mut message) = (SqlState::INTERNAL_ERROR, String::new());
     while let Some((&field, rest)) = body.split_first() {
         if field == 0 {
             break;
@@ -434,7 +437,7 @@ pub fn error_fields(mut body: &[u8]) -> (String, String) {
             break;
         };
         match field {
-            b'C' => code = value.to_owned(),
+            b'C' => code = SqlState::reported(value),
             b'M' => message = value.to_owned(),
             _ => {}
         }

@@ -37,7 +37,7 @@ pub enum BackendError {
     #[error("node {node} refused the session: {message} ({sqlstate})")]
     Refused {
         node: NodeName,
-        sqlstate: String,
+        sqlstate: SqlState,
         message: String,
         raw: Bytes,
     },
@@ -227,7 +227,7 @@ impl RequestError {
     /// Appends the ErrorResponse (severity ERROR) the client sees, and counts it.
     pub fn write_response(&self, out: &mut BytesMut) {
         let code = self.sqlstate();
-        metrics::counter!(crate::metrics::CLIENT_ERRORS_TOTAL, "sqlstate" => code.code(), "source" => "graywire")
+        metrics::counter!(crate::metrics::CLIENT_ERRORS_TOTAL, "sqlstate" => code.label(), "source" => "graywire")
             .increment(1);
         message::error_response(out, Severity::Error, code, &self.to_string(), None);
     }
@@ -237,43 +237,47 @@ impl RequestError {
 mod tests {
     use super::*;
 
-    fn code_of(e: SessionError) -> Option<&'static str> {
-        e.sqlstate().map(SqlState::code)
+    fn code_of(e: SessionError) -> Option<SqlState> {
+        e.sqlstate()
+    }
+
+    fn code(text: &str) -> Option<SqlState> {
+        Some(SqlState::reported(text))
     }
 
     #[test]
     fn each_failure_maps_to_its_sqlstate() {
         use std::io::{Error, ErrorKind};
         let n = NodeName::new("pg1");
-        assert_eq!(code_of(SessionError::Protocol("x".into())), Some("08P01"));
-        assert_eq!(code_of(StartupError::NoUser.into()), Some("28000"));
-        assert_eq!(code_of(StartupError::BadLength(3).into()), Some("08P01"));
+        assert_eq!(code_of(SessionError::Protocol("x".into())), code("08P01"));
+        assert_eq!(code_of(StartupError::NoUser.into()), code("28000"));
+        assert_eq!(code_of(StartupError::BadLength(3).into()), code("08P01"));
         assert_eq!(
             code_of(StartupError::UnsupportedProtocol { major: 2, minor: 0 }.into()),
-            Some("0A000")
+            code("0A000")
         );
         assert_eq!(
             code_of(SessionError::UnknownUser("u".into())),
-            Some("28000")
+            code("28000")
         );
         assert_eq!(
             code_of(SessionError::BadPassword("u".into())),
-            Some("28P01")
+            code("28P01")
         );
-        assert_eq!(code_of(ScramError::BadProof.into()), Some("28P01"));
-        assert_eq!(code_of(ScramError::ChannelBinding.into()), Some("08P01"));
-        assert_eq!(code_of(SessionError::TooManyConnections), Some("53300"));
-        assert_eq!(code_of(SessionError::Shutdown), Some("57P01"));
+        assert_eq!(code_of(ScramError::BadProof.into()), code("28P01"));
+        assert_eq!(code_of(ScramError::ChannelBinding.into()), code("08P01"));
+        assert_eq!(code_of(SessionError::TooManyConnections), code("53300"));
+        assert_eq!(code_of(SessionError::Shutdown), code("57P01"));
         assert_eq!(
             code_of(SessionError::NoPrimary(Default::default())),
-            Some("57P03")
+            code("57P03")
         );
         assert_eq!(
             code_of(SessionError::BackendLost {
                 node: n.clone(),
                 reason: "eof".into()
             }),
-            Some("08006")
+            code("08006")
         );
         assert_eq!(
             code_of(SessionError::ClientGone(Error::from(ErrorKind::BrokenPipe))),
@@ -281,7 +285,7 @@ mod tests {
         );
         let refused = BackendError::Refused {
             node: n,
-            sqlstate: "3D000".into(),
+            sqlstate: SqlState::reported("3D000"),
             message: "no db".into(),
             raw: Bytes::from_static(b"E..."),
         };

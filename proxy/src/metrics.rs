@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::protocol::SqlState;
+
 /// Client connections accepted by the listener, by outcome of their startup
 /// (`result`: session, cancel, refused_limit, auth_failed, protocol_error, backend_error, closed).
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "graywire_client_connections_total";
@@ -204,8 +206,11 @@ pub fn register_zeroes() {
     for reason in ["drain", "role_change", "node_down", "failover", "removed"] {
         metrics::counter!(MIGRATIONS_TOTAL, "reason" => reason).absolute(0);
     }
-    for code in ["40001", "40003"] {
-        metrics::counter!(FAILOVERS_TOTAL, "sqlstate" => code).absolute(0);
+    for code in [
+        SqlState::SERIALIZATION_FAILURE,
+        SqlState::STATEMENT_COMPLETION_UNKNOWN,
+    ] {
+        metrics::counter!(FAILOVERS_TOTAL, "sqlstate" => code.label()).absolute(0);
     }
 }
 

@@ -8,4 +8,4 @@ pub mod sqlstate;
 pub mod sqltext;
 pub mod startup;
 
-pub use sqlstate::SqlState;
+pub use sqlstate::{SqlClass, SqlState};

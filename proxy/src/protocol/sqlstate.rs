@@ -1,46 +1,191 @@
-//! The SQLSTATE codes graywire itself emits, by name (PostgreSQL manual, Appendix A).
-//!
-//! Codes that come from a node are relayed untouched and never pass through here.
+//! SQLSTATE codes as a type: the ones graywire emits or acts on, by name (PostgreSQL manual,
+//! Appendix A), and the ones a node reports, parsed from its ErrorResponse. No other module
+//! spells a code as a string.
 
-/// A five-character SQLSTATE code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SqlState(&'static str);
+use std::borrow::Cow;
+
+/// A five-character SQLSTATE code (ASCII digits and upper-case letters).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState([u8; 5]);
+
+/// The class of a SQLSTATE: its first two characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlClass([u8; 2]);
+
+/// The text of every code graywire names below, so that [`SqlState::label`] needs no
+/// allocation for them.
+const NAMED: [&str; 17] = [
+    "00000", "08000", "08001", "08006", "08P01", "0A000", "25P02", "28000", "28P01", "40001",
+    "40003", "53300", "57014", "57P01", "57P02", "57P03", "XX000",
+];
 
 impl SqlState {
-    pub const fn code(self) -> &'static str {
-        self.0
+    /// A named code; `code` must be five ASCII characters (checked at compile time for the
+    /// constants below).
+    const fn named(code: &'static str) -> SqlState {
+        let b = code.as_bytes();
+        assert!(b.len() == 5, "a SQLSTATE has five characters");
+        SqlState([b[0], b[1], b[2], b[3], b[4]])
     }
 
+    /// Parses a code a node (or a client library) reported: five ASCII digits or upper-case
+    /// letters, else `None`.
+    pub fn parse(code: &str) -> Option<SqlState> {
+        let b: [u8; 5] = code.as_bytes().try_into().ok()?;
+        b.iter()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
+            .then_some(SqlState(b))
+    }
+
+    /// The code a node reported, or [`SqlState::INTERNAL_ERROR`] when its ErrorResponse had
+    /// none or one that is not a SQLSTATE (PostgreSQL always sends one).
+    pub fn reported(code: &str) -> SqlState {
+        SqlState::parse(code).unwrap_or(SqlState::INTERNAL_ERROR)
+    }
+
+    pub fn code(&self) -> &str {
+        // Built only from ASCII (`named`, `parse`), so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or("XX000")
+    }
+
+    pub const fn class(self) -> SqlClass {
+        SqlClass([self.0[0], self.0[1]])
+    }
+
+    /// The code as a metric label value: borrowed for the codes graywire names.
+    pub fn label(self) -> Cow<'static, str> {
+        match NAMED.iter().find(|n| n.as_bytes() == self.0) {
+            Some(n) => Cow::Borrowed(n),
+            None => Cow::Owned(self.code().to_owned()),
+        }
+    }
+
+    /// 00000: no error.
+    pub const SUCCESSFUL_COMPLETION: SqlState = SqlState::named("00000");
+    /// 08000: a connection problem without a more precise code.
+    pub const CONNECTION_EXCEPTION: SqlState = SqlState::named("08000");
+    /// 08001: a connection could not be established.
+    pub const SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION: SqlState = SqlState::named("08001");
     /// 08006: the connection to the node failed.
-    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    pub const CONNECTION_FAILURE: SqlState = SqlState::named("08006");
     /// 08P01: the client broke the protocol.
-    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState::named("08P01");
     /// 0A000: something PostgreSQL supports but graywire does not (yet).
-    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState::named("0A000");
     /// 28000: unknown user or otherwise not allowed to connect.
-    pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState("28000");
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState::named("28000");
     /// 28P01: wrong password.
-    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    pub const INVALID_PASSWORD: SqlState = SqlState::named("28P01");
     /// 53300: the connection cap is reached.
-    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
-    /// 57P01: graywire is shutting down.
-    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
-    /// 57P03: no suitable node could take the request in time.
-    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState::named("53300");
+    /// 57P01: graywire (or the node) is shutting down.
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState::named("57P01");
+    /// 57P02: the node is restarting after a crash of one of its processes.
+    pub const CRASH_SHUTDOWN: SqlState = SqlState::named("57P02");
+    /// 57P03: no suitable node could take the request in time (or the node cannot yet).
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState::named("57P03");
     /// 40001: the transaction was rolled back because its node died; safe to retry.
-    pub const SERIALIZATION_FAILURE: SqlState = SqlState("40001");
+    pub const SERIALIZATION_FAILURE: SqlState = SqlState::named("40001");
     /// 40003: the node died while the statement or COMMIT ran; its outcome is unknown.
-    pub const STATEMENT_COMPLETION_UNKNOWN: SqlState = SqlState("40003");
+    pub const STATEMENT_COMPLETION_UNKNOWN: SqlState = SqlState::named("40003");
     /// 57014: the client cancelled a request graywire was holding.
-    pub const QUERY_CANCELED: SqlState = SqlState("57014");
+    pub const QUERY_CANCELED: SqlState = SqlState::named("57014");
     /// 25P02: the transaction failed; commands are ignored until it ends.
-    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
-    /// XX000: a graywire bug.
-    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState::named("25P02");
+    /// XX000: a graywire bug, or a node error without a code.
+    pub const INTERNAL_ERROR: SqlState = SqlState::named("XX000");
+}
+
+impl SqlClass {
+    /// Class 57: operator intervention (shutdown, crash restart, cannot connect now).
+    pub const OPERATOR_INTERVENTION: SqlClass = SqlClass(*b"57");
 }
 
 impl std::fmt::Display for SqlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0)
+        f.write_str(self.code())
+    }
+}
+
+impl std::fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqlState({})", self.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_takes_five_code_characters_only() {
+        let cases = [
+            ("57P01", Some(SqlState::ADMIN_SHUTDOWN)),
+            ("40001", Some(SqlState::SERIALIZATION_FAILURE)),
+            ("P0001", SqlState::parse("P0001")),
+            ("", None),
+            ("5701", None),
+            ("57P011", None),
+            ("57p01", None),
+            ("57 01", None),
+            ("57P0\u{e9}", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(SqlState::parse(text), want, "{text:?}");
+        }
+        assert_eq!(
+            SqlState::parse("P0001").map(|s| s.to_string()),
+            Some("P0001".into())
+        );
+        assert_eq!(SqlState::reported(""), SqlState::INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn named_codes_label_without_allocating_and_match_their_text() {
+        let named = [
+            SqlState::SUCCESSFUL_COMPLETION,
+            SqlState::CONNECTION_EXCEPTION,
+            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::PROTOCOL_VIOLATION,
+            SqlState::FEATURE_NOT_SUPPORTED,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SqlState::INVALID_PASSWORD,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::SERIALIZATION_FAILURE,
+            SqlState::STATEMENT_COMPLETION_UNKNOWN,
+            SqlState::QUERY_CANCELED,
+            SqlState::IN_FAILED_SQL_TRANSACTION,
+            SqlState::INTERNAL_ERROR,
+        ];
+        assert_eq!(named.len(), NAMED.len());
+        for code in named {
+            let label = code.label();
+            assert!(matches!(label, Cow::Borrowed(_)), "{code:?}");
+            assert_eq!(label, code.code());
+            assert_eq!(SqlState::parse(code.code()), Some(code));
+        }
+        let other = SqlState::reported("P0001");
+        assert!(matches!(other.label(), Cow::Owned(ref s) if s == "P0001"));
+    }
+
+    #[test]
+    fn class_is_the_first_two_characters() {
+        for (code, class57) in [
+            ("57P01", true),
+            ("57014", true),
+            ("58000", false),
+            ("08006", false),
+        ] {
+            let s = SqlState::reported(code);
+            assert_eq!(
+                s.class() == SqlClass::OPERATOR_INTERVENTION,
+                class57,
+                "{code}"
+            );
+        }
     }
 }

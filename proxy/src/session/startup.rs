@@ -1,15 +1,63 @@
-//! A client's first packets: SSLRequest and GSSENCRequest (answered `N`), CancelRequest, and
-//! the StartupMessage, with protocol-version negotiation.
+//! A client's first packets: SSLRequest and GSSENCRequest (answered `N`), CancelRequest
+//! (forwarded), and the StartupMessage, with protocol-version negotiation; then the client's
+//! authentication (auth.rs) and its place under the connection cap.
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tracing::warn;
 
+use crate::cancel::CancelOutcome;
+use crate::config::{Config, UserConfig};
+use crate::context::{Context, SessionSlot};
 use crate::error::SessionError;
+use crate::metrics as m;
 use crate::protocol::message;
 use crate::protocol::startup::{
     self, CancelKey, StartupPacket, StartupParams, PROTOCOL_3_MINOR_SUPPORTED,
 };
+
+use super::{auth, SessionLabel, CANCEL_TIMEOUT};
+
+/// Opening and authentication. `None` for a CancelRequest (already handled).
+pub(super) async fn open_and_authenticate<'c>(
+    ctx: &Arc<Context>,
+    client: &mut TcpStream,
+    config: &'c Config,
+    who: &mut SessionLabel,
+) -> Result<Option<(StartupParams, &'c Arc<UserConfig>, SessionSlot)>, SessionError> {
+    let params = match read_opening(client).await? {
+        Opening::Cancel(key) => {
+            let outcome = ctx.cancels.forward(key, CANCEL_TIMEOUT).await;
+            let result = match &outcome {
+                CancelOutcome::Forwarded => "forwarded",
+                CancelOutcome::UnknownKey => "unknown_key",
+                CancelOutcome::Idle => "idle",
+                CancelOutcome::HeldCancelled => "held_cancelled",
+                CancelOutcome::Failed(reason) => {
+                    warn!(parent: &who.span(), %reason, "could not forward a cancel request");
+                    "failed"
+                }
+            };
+            metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
+            return Ok(None);
+        }
+        Opening::Session(params) => params,
+    };
+    let user_name: &str = who
+        .user
+        .insert(params.get("user").unwrap_or_default().to_owned());
+    let slot = ctx
+        .try_open_session()
+        .ok_or(SessionError::TooManyConnections)?;
+    let user = config
+        .user(user_name)
+        .ok_or_else(|| SessionError::UnknownUser(user_name.to_owned()))?;
+    auth::authenticate(client, user).await?;
+    Ok(Some((params, user, slot)))
+}
 
 /// What a new connection is for.
 #[derive(Debug)]
@@ -24,7 +72,7 @@ fn gone(e: std::io::Error) -> SessionError {
 
 /// Reads packets until a StartupMessage or CancelRequest arrives, refusing encryption (no TLS
 /// yet) the way PostgreSQL does when it is not configured.
-pub async fn read_opening(client: &mut TcpStream) -> Result<Opening, SessionError> {
+async fn read_opening(client: &mut TcpStream) -> Result<Opening, SessionError> {
     let mut refused_ssl = false;
     let mut refused_gss = false;
     loop {

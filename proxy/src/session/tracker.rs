@@ -16,6 +16,7 @@ use crate::protocol::frame::{
 };
 use crate::protocol::message::{Parameters, TxStatus};
 use crate::protocol::sqltext::{leading_command, mentions_session_advisory_lock, Command};
+use crate::protocol::SqlState;
 
 /// The client's named prepared statements by name. Looked up on every Bind, so hashed with
 /// FxHash rather than SipHash: the names come from the session's own client, which can only
@@ -395,12 +396,17 @@ impl Tracker {
             fields = rest;
         }
         let (sqlstate, message) = crate::backend::error_fields(body);
-        if fatal && matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03") {
+        let going_away = [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ];
+        if fatal && going_away.contains(&sqlstate) {
             self.node_shutting_down = Some(format!("{message} ({sqlstate})"));
             return Flow::Stop;
         }
         self.node_said_fatal = fatal;
-        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate, "source" => "node")
+        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate.label(), "source" => "node")
             .increment(1);
         Flow::Forward
     }
