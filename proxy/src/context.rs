@@ -95,3 +95,19 @@ impl Drop for SessionSlot {
         self.ctx.session_metrics().sessions.decrement(1.0);
     }
 }
+
+/// Prunes the pools on every topology change and every second, until the hard stop. It lives
+/// here, not in `pool.rs`, so that the pools know nothing of the context that holds them.
+pub async fn pool_janitor(ctx: Arc<Context>) {
+    let stop = ctx.shutdown.hard.clone();
+    let mut changes = ctx.topology.subscribe();
+    loop {
+        let idle_timeout = ctx.config.load().pool_idle_timeout;
+        ctx.pools.prune(&ctx.topology.load(), idle_timeout);
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = crate::timer::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

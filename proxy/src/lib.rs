@@ -166,7 +166,7 @@ impl Proxy {
             (None, _) => None,
         };
         health::sync_checkers(ctx);
-        tokio::spawn(pool::janitor(ctx.clone()));
+        tokio::spawn(context::pool_janitor(ctx.clone()));
         if let Some(h) = &metrics_handle {
             tokio::spawn(metrics::upkeep(h.clone(), ctx.shutdown.hard.clone()));
         }

@@ -1,5 +1,5 @@
-//! The client listener: accepts connections until shutdown and starts one session task (with
-//! its own span) per client.
+//! The client listener: accepts connections until shutdown and starts one session task per
+//! client (its log lines get a span only when one is logged; see `session::serve`).
 
 use std::sync::Arc;
 use std::time::Duration;

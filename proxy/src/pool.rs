@@ -331,18 +331,3 @@ impl Pools {
             .sum()
     }
 }
-
-/// Prunes the pools on every topology change and every second, until `stop`.
-pub async fn janitor(ctx: Arc<crate::context::Context>) {
-    let stop = ctx.shutdown.hard.clone();
-    let mut changes = ctx.topology.subscribe();
-    loop {
-        let idle_timeout = ctx.config.load().pool_idle_timeout;
-        ctx.pools.prune(&ctx.topology.load(), idle_timeout);
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = crate::timer::sleep(Duration::from_secs(1)) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}

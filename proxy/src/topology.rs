@@ -9,25 +9,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-
-/// A node's name from the config.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeName(Arc<str>);
-
-impl NodeName {
-    pub fn new(s: impl Into<Arc<str>>) -> Self {
-        NodeName(s.into())
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for NodeName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// Node names are the config's; the topology speaks of nodes by them.
+pub use crate::config::NodeName;
 
 /// Discovered with `pg_is_in_recovery()`, never taken from the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +114,7 @@ impl NodeStatus {
         &self.config.name
     }
 
-    /// The node state of DESIGN.md's vocabulary: down wins over the operator's drain states.
+    /// The node state of the vocabulary in docs/contract.md: down wins over the operator's drain states.
     pub fn state_str(&self) -> &'static str {
         match (self.health, self.admin) {
             (Health::Down | Health::Pending, _) => "down",

@@ -1,5 +1,6 @@
 //! Every key that can be wrong is refused with its key path; the reference file is valid.
 
+use super::validate::parse_size;
 use super::*;
 
 const MINIMAL: &str = r#"

@@ -1,6 +1,6 @@
 //! A backend connection that died under a session: what the session does about it, and the
 //! answers to the requests that were in flight on it, so the client learns the truth and keeps
-//! its connection (docs/contract.md, failover answers):
+//! its connection (docs/contract.md, "7. Failover"):
 //!
 //! - inside an explicit transaction, not COMMIT: `40001`, then ReadyForQuery `E` — nothing of
 //!   the transaction was committed, it is safe to retry;
