@@ -91,6 +91,10 @@ pub enum SessionError {
     Backend(#[from] BackendError),
     #[error("lost the connection to node {node}: {reason}")]
     BackendLost { node: NodeName, reason: String },
+    /// Reading the session's state at a boundary failed while its node stayed up: the session
+    /// ends rather than go on without its settings.
+    #[error("graywire could not read this session's state from node {node} ({reason}); the session ends rather than go on without it")]
+    StateUnreadable { node: NodeName, reason: String },
     #[error("graywire is shutting down")]
     Shutdown,
     /// The node ended the session with a FATAL error of its own, already relayed.
@@ -115,6 +119,7 @@ impl SessionError {
             | SessionError::Unsupported(_) => Side::Client,
             SessionError::Backend(_)
             | SessionError::BackendLost { .. }
+            | SessionError::StateUnreadable { .. }
             | SessionError::NodeEnded
             | SessionError::NoPrimary(_) => Side::Node,
             SessionError::TooManyConnections
@@ -148,7 +153,9 @@ impl SessionError {
             SessionError::TooManyConnections => SqlState::TOO_MANY_CONNECTIONS,
             SessionError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
             SessionError::NoPrimary(_) | SessionError::Backend(_) => SqlState::CANNOT_CONNECT_NOW,
-            SessionError::BackendLost { .. } => SqlState::CONNECTION_FAILURE,
+            SessionError::BackendLost { .. } | SessionError::StateUnreadable { .. } => {
+                SqlState::CONNECTION_FAILURE
+            }
             SessionError::Shutdown | SessionError::PinnedNodeDrained(_) => SqlState::ADMIN_SHUTDOWN,
         })
     }

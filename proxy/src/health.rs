@@ -268,3 +268,80 @@ async fn connect(
     });
     Ok(Checker { client, driver })
 }
+
+/// How long the check after a backend connection ended may take (see [`accepts_sessions`]):
+/// short, since a session waits for it, and long enough for a loaded node to answer a
+/// startup packet.
+pub const SESSION_END_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Whether `node` still takes new sessions: a fresh connection and a startup packet, answered
+/// by an authentication request (or a refusal that is not about the node's state, such as an
+/// unknown database) within `timeout`. A refused or reset connection, no answer, or a FATAL
+/// saying the node is shutting down, starting up or recovering (class 57) is `Err` with the
+/// reason. No authentication happens: the connection is closed at the first answer.
+pub async fn accepts_sessions(
+    node: &NodeConfig,
+    user: &str,
+    database: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    use bytes::{Buf, BytesMut};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::protocol::SqlClass;
+
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((node.host.as_str(), node.port))
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", user),
+            ("database", database),
+            ("application_name", "graywire session check"),
+        ];
+        postgres_protocol::message::frontend::startup_message(params, &mut out)
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("cannot send a startup packet: {e}"))?;
+        let tag = stream
+            .read_u8()
+            .await
+            .map_err(|e| format!("no answer to a startup packet: {e}"))?;
+        let len = stream
+            .read_u32()
+            .await
+            .map_err(|e| format!("no answer to a startup packet: {e}"))?;
+        let answer = match tag {
+            b'R' => Ok(()),
+            b'E' if (4..=8192).contains(&len) => {
+                let mut body = vec![0u8; len as usize - 4];
+                stream
+                    .read_exact(&mut body)
+                    .await
+                    .map_err(|e| format!("a cut refusal: {e}"))?;
+                let (code, message) = crate::backend::error_fields(&body[..]);
+                if code.class() == SqlClass::OPERATOR_INTERVENTION {
+                    Err(format!("{message} ({code})"))
+                } else {
+                    Ok(())
+                }
+            }
+            other => Err(format!(
+                "answered a startup packet with message type {:?}",
+                other as char
+            )),
+        };
+        // Politely away: Terminate, then close (the node logs nothing for this).
+        let mut bye = BytesMut::new();
+        postgres_protocol::message::frontend::terminate(&mut bye);
+        let _ = stream.write_all(bye.chunk()).await;
+        answer
+    };
+    match crate::timer::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer to a startup packet within {timeout:?}")),
+    }
+}

@@ -56,6 +56,21 @@ pub const PINNED_TOTAL: &str = "graywire_pinned_total";
 /// Requests in flight on a backend connection that died, answered by graywire
 /// (label `sqlstate`: 40001 rolled back, 40003 outcome unknown).
 pub const FAILOVERS_TOTAL: &str = "graywire_failovers_total";
+/// Backend connections that ended under a session while their node stayed up, so the session
+/// ended as on a direct connection (or, for `connection_lost`, was answered like a failover)
+/// and the node was not counted as failing (label `cause`: one of [`TERMINATION_CAUSES`]).
+pub const BACKEND_TERMINATIONS_TOTAL: &str = "graywire_backend_terminations_total";
+/// The values of `cause` on [`BACKEND_TERMINATIONS_TOTAL`]: a closed set.
+pub const TERMINATION_CAUSES: [&str; 8] = [
+    "admin_command",
+    "idle_session_timeout",
+    "idle_in_transaction_timeout",
+    "database_dropped",
+    "recovery_conflict",
+    "node_fatal",
+    "connection_lost",
+    "state_capture_failed",
+];
 /// Drains started through the admin API (label `node`).
 pub const DRAINS_TOTAL: &str = "graywire_drains_total";
 /// How long drain calls took until the node was empty or the wait ran out.
@@ -122,6 +137,10 @@ pub fn describe() {
     describe_counter!(
         FAILOVERS_TOTAL,
         "In-flight requests on a dead backend answered by graywire"
+    );
+    describe_counter!(
+        BACKEND_TERMINATIONS_TOTAL,
+        "Backend connections ended under a session while their node stayed up, by cause"
     );
     describe_counter!(DRAINS_TOTAL, "Drains started");
     describe_histogram!(
@@ -202,6 +221,9 @@ pub fn register_zeroes() {
         "hold_cursors",
     ] {
         metrics::counter!(PINNED_TOTAL, "state" => state).absolute(0);
+    }
+    for cause in TERMINATION_CAUSES {
+        metrics::counter!(BACKEND_TERMINATIONS_TOTAL, "cause" => cause).absolute(0);
     }
     for reason in ["drain", "role_change", "node_down", "failover", "removed"] {
         metrics::counter!(MIGRATIONS_TOTAL, "reason" => reason).absolute(0);

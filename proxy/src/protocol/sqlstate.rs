@@ -14,9 +14,10 @@ pub struct SqlClass([u8; 2]);
 
 /// The text of every code graywire names below, so that [`SqlState::label`] needs no
 /// allocation for them.
-const NAMED: [&str; 17] = [
-    "00000", "08000", "08001", "08006", "08P01", "0A000", "25P02", "28000", "28P01", "40001",
-    "40003", "53300", "57014", "57P01", "57P02", "57P03", "XX000",
+const NAMED: [&str; 22] = [
+    "00000", "08000", "08001", "08006", "08P01", "0A000", "25P02", "25P03", "28000", "28P01",
+    "40001", "40003", "40P01", "53300", "54000", "57014", "57P01", "57P02", "57P03", "57P04",
+    "57P05", "XX000",
 ];
 
 impl SqlState {
@@ -92,6 +93,16 @@ impl SqlState {
     pub const QUERY_CANCELED: SqlState = SqlState::named("57014");
     /// 25P02: the transaction failed; commands are ignored until it ends.
     pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState::named("25P02");
+    /// 25P03: the node ended a session idle in a transaction for too long.
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: SqlState = SqlState::named("25P03");
+    /// 40P01: deadlock detected (also a recovery conflict's FATAL on a standby).
+    pub const DEADLOCK_DETECTED: SqlState = SqlState::named("40P01");
+    /// 54000: a limit was exceeded.
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState::named("54000");
+    /// 57P04: the session's database was dropped.
+    pub const DATABASE_DROPPED: SqlState = SqlState::named("57P04");
+    /// 57P05: the node ended a session idle for too long (`idle_session_timeout`).
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState::named("57P05");
     /// XX000: a graywire bug, or a node error without a code.
     pub const INTERNAL_ERROR: SqlState = SqlState::named("XX000");
 }
@@ -160,6 +171,11 @@ mod tests {
             SqlState::QUERY_CANCELED,
             SqlState::IN_FAILED_SQL_TRANSACTION,
             SqlState::INTERNAL_ERROR,
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+            SqlState::DEADLOCK_DETECTED,
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            SqlState::DATABASE_DROPPED,
+            SqlState::IDLE_SESSION_TIMEOUT,
         ];
         assert_eq!(named.len(), NAMED.len());
         for code in named {

@@ -19,6 +19,7 @@ use crate::router;
 use crate::topology::{AdminState, Health, NodeName, Snapshot};
 
 use super::attach::Attached;
+use super::failover::During;
 use super::local::Answer;
 use super::migrate::{self, Captured};
 use super::{message_query, Session, State, Step};
@@ -150,7 +151,7 @@ impl Session<'_> {
                 Ok(Capture::Done(captured))
             }
             Err(e) => Ok(Capture::BackendLost(
-                self.backend_lost(e.to_string()).await?,
+                self.backend_lost(e.to_string(), During::Capture).await?,
             )),
         }
     }
@@ -268,7 +269,7 @@ impl Session<'_> {
         if self.tracker.unanswered > 0 {
             self.cancel_running("an evicted session").await;
         }
-        self.backend_gone("the node's drain timed out".into(), false)
+        self.answer_lost_backend("the node's drain timed out".into())
             .await
     }
 }

@@ -91,32 +91,135 @@ pub fn answer_in_flight(t: &Tracker, node: &NodeName, reason: &str) -> FailoverA
     }
 }
 
+/// Why a backend connection under a session ended, as far as graywire can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    /// The node itself is failing (it said so, or it no longer takes sessions): a failed
+    /// check of the node; requests in flight are answered (40001/40003), the session goes on.
+    NodeFailing,
+    /// Only this backend connection was ended (`cause`, a value of
+    /// [`m::TERMINATION_CAUSES`]): its FATAL reaches the client and the session ends, as on
+    /// a direct connection.
+    SessionEnded(&'static str),
+    /// The connection broke without a word while the node still takes sessions: answered
+    /// like a failover (the outcome of a request in flight is unknown), the session goes on,
+    /// and the node is not counted as failing.
+    ConnectionLost,
+}
+
+/// The cause label of a FATAL a node sent to end one session.
+pub(super) fn termination_cause(code: SqlState) -> &'static str {
+    match code {
+        SqlState::ADMIN_SHUTDOWN => "admin_command",
+        SqlState::IDLE_SESSION_TIMEOUT => "idle_session_timeout",
+        SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT => "idle_in_transaction_timeout",
+        SqlState::DATABASE_DROPPED => "database_dropped",
+        SqlState::SERIALIZATION_FAILURE | SqlState::DEADLOCK_DETECTED => "recovery_conflict",
+        _ => "node_fatal",
+    }
+}
+
+/// What the session was doing when its backend connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum During {
+    /// Relaying the client's requests.
+    Relay,
+    /// Reading the session's state at a boundary: a session that cannot carry its state must
+    /// not go on without it.
+    Capture,
+}
+
 impl Session<'_> {
-    /// The backend connection died or the node is going away.
-    pub(super) async fn backend_lost(&mut self, reason: String) -> Result<Step, SessionError> {
-        self.backend_gone(reason, true).await
+    /// Decides what the end of the session's backend connection to `node` means. A FATAL
+    /// that ended only this session is final; a node that said it is going away (other than
+    /// with 57P01, which `pg_terminate_backend` sends too) is failing; otherwise a fresh
+    /// connection to the node decides, bounded by [`health::SESSION_END_CHECK`].
+    async fn classify(&self, node: &NodeName) -> Ending {
+        let t = &self.tracker;
+        if let Some(code) = t.node_fatal {
+            return Ending::SessionEnded(termination_cause(code));
+        }
+        let withheld = t.withheld_fatal.as_ref().map(|f| f.sqlstate);
+        if withheld.is_some_and(|c| c != SqlState::ADMIN_SHUTDOWN) {
+            return Ending::NodeFailing;
+        }
+        let Some(config) = self.config.nodes.iter().find(|n| &n.name == node) else {
+            // Removed from the config meanwhile: nothing to check, nothing to count.
+            return Ending::NodeFailing;
+        };
+        let user = &self.config.backend.user;
+        let database = &self.config.health.database;
+        match health::accepts_sessions(config, user, database, health::SESSION_END_CHECK).await {
+            Err(why) => {
+                debug!(parent: &self.who.span(), %node, %why, "the node does not take sessions");
+                Ending::NodeFailing
+            }
+            Ok(()) if withheld.is_some() => Ending::SessionEnded("admin_command"),
+            Ok(()) => Ending::ConnectionLost,
+        }
     }
 
-    /// The backend connection is gone (or given up): answer what was in flight. With
-    /// `node_failed`, it counts as a failed health check of the node. The session is then
-    /// detached, or aborted when its transaction died with the connection.
-    pub(super) async fn backend_gone(
+    /// The backend connection died (or the node said it is going away) while the session
+    /// was `during` something: decide what that means (see [`Ending`]) and act on it.
+    pub(super) async fn backend_lost(
         &mut self,
         reason: String,
-        node_failed: bool,
+        during: During,
+    ) -> Result<Step, SessionError> {
+        let Some(node) = self.attached().map(|a| a.conn.node.clone()) else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        let ending = self.classify(&node).await;
+        match ending {
+            Ending::NodeFailing => {
+                health::passive_failure(self.ctx, &node, &reason);
+                self.answer_lost_backend(reason).await
+            }
+            Ending::SessionEnded(cause) => {
+                metrics::counter!(m::BACKEND_TERMINATIONS_TOTAL, "cause" => cause).increment(1);
+                debug!(parent: &self.who.span(), %node, %reason, cause, "the node ended this session");
+                // Already closed by the node: nothing to cancel, nothing to pool.
+                if self.detach().is_some() {
+                    self.cancel.set_target(None);
+                }
+                if let Some(fatal) = self.tracker.withheld_fatal.take() {
+                    // Relayed as a direct connection would have received it.
+                    self.client
+                        .write_all(&fatal.message_bytes())
+                        .await
+                        .map_err(SessionError::ClientGone)?;
+                }
+                Err(SessionError::NodeEnded)
+            }
+            Ending::ConnectionLost if during == During::Capture => {
+                metrics::counter!(m::BACKEND_TERMINATIONS_TOTAL, "cause" => "state_capture_failed")
+                    .increment(1);
+                self.close_backend().await;
+                Err(SessionError::StateUnreadable { node, reason })
+            }
+            Ending::ConnectionLost => {
+                metrics::counter!(m::BACKEND_TERMINATIONS_TOTAL, "cause" => "connection_lost")
+                    .increment(1);
+                self.answer_lost_backend(reason).await
+            }
+        }
+    }
+
+    /// The backend connection is gone (or given up): answer what was in flight. The session
+    /// is then detached, or aborted when its transaction died with the connection.
+    pub(super) async fn answer_lost_backend(
+        &mut self,
+        reason: String,
     ) -> Result<Step, SessionError> {
         let Some(a) = self.detach() else {
             return Ok(ControlFlow::Continue(()));
         };
         let node = a.conn.node.clone();
         self.cancel.set_target(None);
-        if node_failed {
-            health::passive_failure(self.ctx, &node, &reason);
-        }
         drop(a);
         let who = &*self.who;
         let t = &mut self.tracker;
-        if t.node_said_fatal {
+        if t.node_fatal.is_some() {
             // The node told the client why itself (e.g. a FATAL error of its own).
             return Err(SessionError::NodeEnded);
         }

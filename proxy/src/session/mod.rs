@@ -64,6 +64,7 @@ use crate::router;
 use crate::topology::NodeName;
 
 use attach::Attached;
+use failover::During;
 use local::Answer;
 use relay::{Pipes, RelayEnd};
 use signals::BoundaryWatch;
@@ -140,7 +141,8 @@ fn outcome_label(e: &SessionError) -> &'static str {
         SessionError::Scram(crate::protocol::scram::ScramError::BadProof) => "auth_failed",
         SessionError::Backend(_)
         | SessionError::NoPrimary(_)
-        | SessionError::BackendLost { .. } => "backend_error",
+        | SessionError::BackendLost { .. }
+        | SessionError::StateUnreadable { .. } => "backend_error",
         SessionError::Shutdown => "shutdown",
         _ => "protocol_error",
     }
@@ -384,7 +386,7 @@ impl Session<'_> {
                 self.close_backend().await;
                 Err(SessionError::Shutdown)
             }
-            Ok(RelayEnd::BackendClosed(reason)) => self.backend_lost(reason).await,
+            Ok(RelayEnd::BackendClosed(reason)) => self.backend_lost(reason, During::Relay).await,
             Ok(RelayEnd::Boundary) => self.at_boundary().await,
             Ok(RelayEnd::Evicted) => self.evicted().await.and(proceed),
             Err(e) => {

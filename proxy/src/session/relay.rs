@@ -188,8 +188,9 @@ impl Stop {
                     .map_err(SessionError::ClientGone)?;
                 down.buf.clear();
                 let why = t
-                    .node_shutting_down
-                    .clone()
+                    .withheld_fatal
+                    .as_ref()
+                    .map(|f| f.reason())
                     .unwrap_or_else(|| "the node is shutting down".into());
                 Ok(RelayEnd::BackendClosed(why))
             }

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::clock::Stamp;
 use crate::error::SessionError;
@@ -46,6 +46,32 @@ pub struct InFlight {
     pub extended: bool,
 }
 
+/// A FATAL error the node sent that may mean the node is going away, kept whole so that it
+/// can still be relayed when only this backend connection was ended.
+#[derive(Debug, Clone)]
+pub struct WithheldFatal {
+    pub sqlstate: SqlState,
+    pub message: String,
+    /// The ErrorResponse's body (its fields), without the tag and length.
+    pub body: Bytes,
+}
+
+impl WithheldFatal {
+    /// Why the backend connection ended, for log lines and answers.
+    pub fn reason(&self) -> String {
+        format!("{} ({})", self.message, self.sqlstate)
+    }
+
+    /// The whole ErrorResponse message, as the node sent it.
+    pub fn message_bytes(&self) -> BytesMut {
+        let mut out = BytesMut::with_capacity(self.body.len() + 5);
+        out.put_u8(b'E');
+        out.put_u32((self.body.len() + 4) as u32);
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
 /// Protocol facts the session learns from the messages passing through.
 pub struct Tracker {
     pub status: TxStatus,
@@ -68,10 +94,12 @@ pub struct Tracker {
     pub parameters: Parameters,
     /// Named protocol-level prepared statements the client defined.
     pub statements: Statements,
-    /// The last ErrorResponse from the node was FATAL (the node ends the connection itself).
-    pub node_said_fatal: bool,
-    /// The node's FATAL shutdown message, withheld from the client.
-    pub node_shutting_down: Option<String>,
+    /// The SQLSTATE of the FATAL error the node sent and graywire relayed (the node ends the
+    /// connection itself).
+    pub node_fatal: Option<SqlState>,
+    /// The node's FATAL that says it is going away, withheld from the client until graywire
+    /// knows whether the node or only this backend is going.
+    pub withheld_fatal: Option<WithheldFatal>,
     request_started: Option<Stamp>,
     pub(super) frontend: Framer,
     backend: Framer,
@@ -108,8 +136,8 @@ impl Tracker {
             watch_pins,
             parameters,
             statements: Statements::default(),
-            node_said_fatal: false,
-            node_shutting_down: None,
+            node_fatal: None,
+            withheld_fatal: None,
             request_started: None,
             frontend: Framer::default(),
             backend: Framer::default(),
@@ -172,8 +200,8 @@ impl Tracker {
         self.open_extended = false;
         self.in_flight = InFlight::default();
         self.in_copy = false;
-        self.node_said_fatal = false;
-        self.node_shutting_down = None;
+        self.node_fatal = None;
+        self.withheld_fatal = None;
         self.request_started = None;
     }
 
@@ -377,9 +405,9 @@ impl Tracker {
         self.parameters.set(name, value);
     }
 
-    /// Counts the error; a FATAL that says the node is going away (57P01 admin shutdown,
-    /// 57P02 crash shutdown, 57P03 cannot connect now) is withheld: the session will go on
-    /// on another backend connection.
+    /// Counts the error; a FATAL that says the node may be going away (57P01 admin shutdown,
+    /// which `pg_terminate_backend` sends too, 57P02 crash shutdown, 57P03 cannot connect
+    /// now) is withheld: the session decides what it means (see `failover.rs`).
     fn on_error(&mut self, body: &[u8]) -> Flow {
         let mut fields = body;
         let mut fatal = false;
@@ -402,10 +430,16 @@ impl Tracker {
             SqlState::CANNOT_CONNECT_NOW,
         ];
         if fatal && going_away.contains(&sqlstate) {
-            self.node_shutting_down = Some(format!("{message} ({sqlstate})"));
+            self.withheld_fatal = Some(WithheldFatal {
+                sqlstate,
+                message,
+                body: Bytes::copy_from_slice(body),
+            });
             return Flow::Stop;
         }
-        self.node_said_fatal = fatal;
+        if fatal {
+            self.node_fatal = Some(sqlstate);
+        }
         metrics::counter!(m::CLIENT_ERRORS_TOTAL, "sqlstate" => sqlstate.label(), "source" => "node")
             .increment(1);
         Flow::Forward
