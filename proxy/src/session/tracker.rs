@@ -405,3 +405,5 @@ impl Tracker {
         Flow::Forward
     }
 }
+#[cfg(test)]
+mod tests;
