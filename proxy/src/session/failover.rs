@@ -78,3 +78,5 @@ pub fn answer_in_flight(t: &Tracker, node: &NodeName, reason: &str) -> FailoverA
         sqlstate: error.sqlstate().code(),
     }
 }
+#[cfg(test)]
+mod tests;
