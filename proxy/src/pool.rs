@@ -346,3 +346,5 @@ pub async fn janitor(ctx: Arc<crate::context::Context>) {
         }
     }
 }
+#[cfg(test)]
+mod tests;
