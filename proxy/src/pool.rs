@@ -331,3 +331,6 @@ impl Pools {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests;

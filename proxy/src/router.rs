@@ -447,3 +447,5 @@ mod tests {
         assert_eq!(got.expect("primary").port, 5000);
     }
 }
+#[cfg(test)]
+mod table_tests;

@@ -457,3 +457,5 @@ mod tests {
         assert!(topo.load().node(&name).expect("node").is_usable_primary());
     }
 }
+#[cfg(test)]
+mod table_tests;

@@ -279,3 +279,5 @@ impl Session<'_> {
         Ok(step)
     }
 }
+#[cfg(test)]
+mod tests;

@@ -445,3 +445,5 @@ impl Tracker {
         Flow::Forward
     }
 }
+#[cfg(test)]
+mod tests;
