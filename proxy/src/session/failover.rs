@@ -92,11 +92,12 @@ pub fn answer_in_flight(t: &Tracker, node: &NodeName, reason: &str) -> FailoverA
 }
 
 /// Why a backend connection under a session ended, as far as graywire can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Ending {
-    /// The node itself is failing (it said so, or it no longer takes sessions): a failed
-    /// check of the node; requests in flight are answered (40001/40003), the session goes on.
-    NodeFailing,
+    /// The node itself is failing (it said so, or it no longer takes sessions: the check's
+    /// finding): a failed check of the node; requests in flight are answered (40001/40003),
+    /// the session goes on.
+    NodeFailing(Option<String>),
     /// Only this backend connection was ended (`cause`, a value of
     /// [`m::TERMINATION_CAUSES`]): its FATAL reaches the client and the session ends, as on
     /// a direct connection.
@@ -141,18 +142,18 @@ impl Session<'_> {
         }
         let withheld = t.withheld_fatal.as_ref().map(|f| f.sqlstate);
         if withheld.is_some_and(|c| c != SqlState::ADMIN_SHUTDOWN) {
-            return Ending::NodeFailing;
+            return Ending::NodeFailing(None);
         }
         let Some(config) = self.config.nodes.iter().find(|n| &n.name == node) else {
             // Removed from the config meanwhile: nothing to check, nothing to count.
-            return Ending::NodeFailing;
+            return Ending::NodeFailing(None);
         };
         let user = &self.config.backend.user;
         let database = &self.config.health.database;
         match health::accepts_sessions(config, user, database, health::SESSION_END_CHECK).await {
             Err(why) => {
                 debug!(parent: &self.who.span(), %node, %why, "the node does not take sessions");
-                Ending::NodeFailing
+                Ending::NodeFailing(Some(why))
             }
             Ok(()) if withheld.is_some() => Ending::SessionEnded("admin_command"),
             Ok(()) => Ending::ConnectionLost,
@@ -171,7 +172,11 @@ impl Session<'_> {
         };
         let ending = self.classify(&node).await;
         match ending {
-            Ending::NodeFailing => {
+            Ending::NodeFailing(finding) => {
+                let reason = match finding {
+                    Some(why) => format!("{reason}; then {why}"),
+                    None => reason,
+                };
                 health::passive_failure(self.ctx, &node, &reason);
                 self.answer_lost_backend(reason).await
             }

@@ -373,9 +373,14 @@ impl Session<'_> {
         let proceed = Ok(ControlFlow::Continue(()));
         match end {
             Ok(RelayEnd::ClientClosed) | Ok(RelayEnd::ClientTerminated) => {
+                if let Some(code) = self.tracker.node_fatal {
+                    // The client left on the node's FATAL before the node's close reached us.
+                    let cause = failover::termination_cause(code);
+                    metrics::counter!(m::BACKEND_TERMINATIONS_TOTAL, "cause" => cause).increment(1);
+                }
                 // A pooled connection left clean at a boundary goes back; otherwise it closes.
                 let pooled = self.attached().is_some_and(|a| a.slot.is_some());
-                if pooled && self.tracker.at_boundary() {
+                if pooled && self.tracker.at_boundary() && self.tracker.node_fatal.is_none() {
                     self.release(true).await;
                 } else {
                     self.close_backend().await;
