@@ -91,6 +91,12 @@ pub fn startup_key(client_params: &[(String, String)], creds: &Credentials) -> A
     key.into()
 }
 
+/// The length of the startup packet sent to a node whose parameters encode to `key` (see
+/// [`startup_key`]): length word, protocol version, the parameters, the closing NUL.
+pub fn startup_packet_len(key: &[u8]) -> usize {
+    4 + 4 + key.len() + 1
+}
+
 /// Startup parameters as sent to the node: the client's, with graywire's user and an explicit
 /// database (PostgreSQL would otherwise default it to the user name it sees, graywire's).
 pub fn startup_params<'a>(

@@ -95,6 +95,10 @@ pub enum SessionError {
     /// ends rather than go on without its settings.
     #[error("graywire could not read this session's state from node {node} ({reason}); the session ends rather than go on without it")]
     StateUnreadable { node: NodeName, reason: String },
+    /// The startup packet graywire would send to the nodes for this client (its parameters
+    /// plus graywire's own) is over PostgreSQL's limit: the node would close the connection.
+    #[error("the startup packet graywire would send to the node is {size} bytes, over PostgreSQL's limit of {limit}; send fewer or shorter startup parameters")]
+    StartupTooLarge { size: usize, limit: usize },
     #[error("graywire is shutting down")]
     Shutdown,
     /// The node ended the session with a FATAL error of its own, already relayed.
@@ -116,7 +120,8 @@ impl SessionError {
             | SessionError::AuthTimeout
             | SessionError::UnknownUser(_)
             | SessionError::BadPassword(_)
-            | SessionError::Unsupported(_) => Side::Client,
+            | SessionError::Unsupported(_)
+            | SessionError::StartupTooLarge { .. } => Side::Client,
             SessionError::Backend(_)
             | SessionError::BackendLost { .. }
             | SessionError::StateUnreadable { .. }
@@ -145,6 +150,7 @@ impl SessionError {
             SessionError::Frame(_)
             | SessionError::Startup(_)
             | SessionError::Protocol(_)
+            | SessionError::StartupTooLarge { .. }
             | SessionError::AuthTimeout => SqlState::PROTOCOL_VIOLATION,
             SessionError::Scram(ScramError::BadProof) => SqlState::INVALID_PASSWORD,
             SessionError::Scram(_) => SqlState::PROTOCOL_VIOLATION,

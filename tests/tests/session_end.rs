@@ -302,3 +302,41 @@ async fn clients_killing_their_own_backends_never_mark_the_node_down() {
     assert_node_up(&proxy).await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_packet_the_node_would_refuse_is_refused_at_the_client() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::in_front_of(&cluster).await;
+    // A client packet of 9,990 bytes (under the limit itself) without a database, which
+    // graywire's own parameters (its backend user, the database made explicit) would push
+    // over PostgreSQL's 10,000: 8 + user (13) + options (8 + 20 + 9,918 + 1) +
+    // client_encoding (21) + 1.
+    let options = format!("-c application_name={}", "x".repeat(9_918));
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&proxy.addr.ip().to_string())
+        .port(proxy.addr.port())
+        .user("trusted")
+        .options(&options);
+    let Err(e) = config.connect(NoTls).await else {
+        panic!("a startup packet over the node's limit was accepted");
+    };
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db.code().code(), "08P01", "{e:?}");
+    assert!(
+        db.message().contains("over PostgreSQL's limit of 10000"),
+        "{}",
+        db.message()
+    );
+    assert_node_up(&proxy).await;
+    // The node was never asked: no failed check, and the next client is served.
+    let n = proxy.node_info("pg0").await;
+    assert!(n["last_error"].is_null(), "{n}");
+    proxy
+        .connect("trusted")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    proxy.shutdown().await;
+}

@@ -59,7 +59,7 @@ use crate::error::{RequestError, SessionError};
 use crate::metrics as m;
 use crate::pool::Pool;
 use crate::protocol::message::TxStatus;
-use crate::protocol::startup::StartupParams;
+use crate::protocol::startup::{StartupParams, MAX_STARTUP_PACKET};
 use crate::router;
 use crate::topology::NodeName;
 
@@ -188,6 +188,14 @@ async fn run(
     changes.mark_unchanged();
     let creds = config.backend_credentials(user);
     let backend_params = crate::backend::startup_key(&params.params, creds);
+    let size = crate::backend::startup_packet_len(&backend_params);
+    if size > MAX_STARTUP_PACKET {
+        // Refused here, before any node sees a packet it would close the connection on.
+        return Err(SessionError::StartupTooLarge {
+            size,
+            limit: MAX_STARTUP_PACKET,
+        });
+    }
     let mode = config.pool_mode_of(user);
     let mut session = Session {
         ctx,
