@@ -204,7 +204,7 @@ async fn workload(proxy: &RunningProxy, period: Duration) -> Vec<Duration> {
             let mut i = 0u32;
             while Instant::now() < deadline && i < 100_000 {
                 let start = Instant::now();
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     client.simple_query("SELECT 1").await.unwrap();
                 } else {
                     client
@@ -314,7 +314,7 @@ async fn a_startup_packet_the_node_would_refuse_is_refused_at_the_client() {
     let options = format!("-c application_name={}", "x".repeat(9_918));
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&proxy.addr.ip().to_string())
+        .host(proxy.addr.ip().to_string())
         .port(proxy.addr.port())
         .user("trusted")
         .options(&options);
