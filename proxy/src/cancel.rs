@@ -1,6 +1,8 @@
 //! CancelRequest routing: graywire gives each session its own BackendKeyData and remembers
 //! which backend (node address and that backend's key) runs the session's queries right now,
-//! so a cancel reaches the right process even after the session moved.
+//! so a cancel reaches the right process even after the session moved. The key's pid is the
+//! pid of the session's first backend (as `pg_backend_pid()` reports it there); its secret is
+//! graywire's own, so a key is found by pid and secret together.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,8 +38,13 @@ pub enum CancelOutcome {
 }
 
 struct Entry {
-    secret: u32,
     shared: Arc<Shared>,
+}
+
+/// A key as the registry looks it up: pid and secret together (two sessions may advertise
+/// the same pid: their first backends ran on different nodes, or one after the other).
+fn key_id(key: CancelKey) -> u64 {
+    (u64::from(key.pid) << 32) | u64::from(key.secret)
 }
 
 /// What a session and the registry share: one allocation per session.
@@ -64,7 +71,7 @@ struct HoldSignal {
 
 /// All live sessions' keys.
 pub struct CancelRegistry {
-    sessions: DashMap<u32, Entry>,
+    sessions: DashMap<u64, Entry>,
     next_pid: AtomicU32,
 }
 
@@ -89,6 +96,14 @@ impl CancelHandle {
     /// The key graywire gave the client.
     pub fn key(&self) -> CancelKey {
         self.key
+    }
+
+    /// Makes the key's pid `pid` (the session's first backend's) with a fresh secret, before
+    /// the client is told the key.
+    pub fn adopt_pid(&mut self, pid: u32) {
+        let registry = &self.registry;
+        registry.sessions.remove(&key_id(self.key));
+        self.key = registry.insert(pid, &self.shared);
     }
 
     /// Points cancels at the session's current backend (or at nothing).
@@ -135,30 +150,35 @@ impl HoldCancel {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry.sessions.remove(&self.key.pid);
+        self.registry.sessions.remove(&key_id(self.key));
     }
 }
 
 impl CancelRegistry {
-    /// Allocates a key no live session holds.
+    /// Allocates a key no live session holds, with a pid of graywire's own until the session
+    /// adopts its first backend's ([`CancelHandle::adopt_pid`]).
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         let shared = Arc::new(Shared::default());
+        let pid = (self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff).max(1);
+        CancelHandle {
+            registry: self.clone(),
+            key: self.insert(pid, &shared),
+            shared,
+        }
+    }
+
+    /// Registers `shared` under `pid` and a secret that makes the key unique.
+    fn insert(&self, pid: u32, shared: &Arc<Shared>) -> CancelKey {
         loop {
-            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
-            if pid == 0 {
-                continue;
-            }
-            let secret = rand::random::<u32>();
-            if let dashmap::Entry::Vacant(v) = self.sessions.entry(pid) {
+            let key = CancelKey {
+                pid,
+                secret: rand::random::<u32>(),
+            };
+            if let dashmap::Entry::Vacant(v) = self.sessions.entry(key_id(key)) {
                 v.insert(Entry {
-                    secret,
                     shared: shared.clone(),
                 });
-                return CancelHandle {
-                    registry: self.clone(),
-                    key: CancelKey { pid, secret },
-                    shared,
-                };
+                return key;
             }
         }
     }
@@ -174,11 +194,8 @@ impl CancelRegistry {
     fn lookup(&self, key: CancelKey) -> Result<Option<CancelTarget>, CancelOutcome> {
         let entry = self
             .sessions
-            .get(&key.pid)
+            .get(&key_id(key))
             .ok_or(CancelOutcome::UnknownKey)?;
-        if entry.secret != key.secret {
-            return Err(CancelOutcome::UnknownKey);
-        }
         // A held request runs nowhere yet, even if the session keeps a backend connection.
         let hold = &entry.shared.hold;
         if hold.holding.load(Ordering::Acquire) {
@@ -223,6 +240,41 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_may_advertise_the_same_pid_and_keep_their_own_keys() {
+        let reg = Arc::new(CancelRegistry::default());
+        let mut a = reg.register();
+        let mut b = reg.register();
+        a.adopt_pid(4242);
+        b.adopt_pid(4242);
+        assert_eq!((a.key().pid, b.key().pid), (4242, 4242));
+        assert_ne!(a.key(), b.key());
+        assert_eq!(
+            reg.len(),
+            2,
+            "adopting a pid replaces the key, it adds none"
+        );
+        let target = |port| CancelTarget {
+            host: Arc::from("127.0.0.1"),
+            port,
+            key: CancelKey { pid: 1, secret: 2 },
+        };
+        a.set_target(Some(target(1)));
+        b.set_target(Some(target(2)));
+        assert_eq!(reg.lookup(a.key()).ok().flatten().map(|t| t.port), Some(1));
+        assert_eq!(reg.lookup(b.key()).ok().flatten().map(|t| t.port), Some(2));
+        let wrong = CancelKey {
+            pid: 4242,
+            secret: a.key().secret ^ 1,
+        };
+        if wrong != b.key() {
+            assert_eq!(reg.lookup(wrong).err(), Some(CancelOutcome::UnknownKey));
+        }
+        drop(a);
+        assert_eq!(reg.len(), 1);
+        assert!(reg.lookup(b.key()).is_ok());
+    }
 
     #[test]
     fn keys_are_unique_and_forgotten_on_drop() {

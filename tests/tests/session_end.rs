@@ -340,3 +340,49 @@ async fn a_startup_packet_the_node_would_refuse_is_refused_at_the_client() {
         .unwrap();
     proxy.shutdown().await;
 }
+
+/// LISTEN and NOTIFY on one session, through a raw client that sees BackendKeyData.
+async fn notify_self(proxy: &RunningProxy) -> (u32, u32, u32) {
+    use graywire_tests::raw::RawClient;
+    let mut c = RawClient::connect_trust(proxy.addr, "trusted", &[])
+        .await
+        .unwrap_or_else(|m| panic!("refused: {:?}", m.fields()));
+    let (advertised, _) = c.key.expect("BackendKeyData");
+    let r = c.query("LISTEN here; NOTIFY here, 'hello'").await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let notification = r
+        .all
+        .iter()
+        .find(|m| m.tag == b'A')
+        .unwrap_or_else(|| panic!("no NotificationResponse in {:?}", r.all));
+    let sender = u32::from_be_bytes(notification.body[..4].try_into().unwrap());
+    let r = c.query("SELECT pg_backend_pid()").await;
+    let backend: u32 = r.rows[0][0].as_deref().unwrap().parse().unwrap();
+    (advertised, sender, backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_knows_its_own_pid_as_on_a_direct_connection() {
+    let cluster = start_cluster(1).await;
+
+    let proxy = RunningProxy::in_front_of(&cluster).await;
+    let (advertised, sender, backend) = notify_self(&proxy).await;
+    assert_eq!(sender, advertised, "session mode: the notification's pid");
+    assert_eq!(backend, advertised, "session mode: pg_backend_pid()");
+    proxy.shutdown().await;
+
+    // Transaction mode: an earlier session leaves a connection in the pool, so this one's
+    // first backend may be any; a notification it sends itself still carries its own pid.
+    let mut opts = graywire_tests::ProxyOptions::default();
+    opts.extra
+        .push_str("\n[pool]\nmode = \"transaction\"\nsize = 2\n");
+    let proxy = RunningProxy::start(&graywire_tests::config_for(&cluster, &opts)).await;
+    for _ in 0..3 {
+        let (advertised, sender, _) = notify_self(&proxy).await;
+        assert_eq!(
+            sender, advertised,
+            "transaction mode: the notification's pid"
+        );
+    }
+    proxy.shutdown().await;
+}

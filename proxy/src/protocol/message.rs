@@ -262,6 +262,24 @@ pub fn error_response(
     });
 }
 
+/// Rewrites the pid of every NotificationResponse in `messages` (whole messages) that says
+/// `from` to `to`.
+pub fn rewrite_notification_pids(messages: &mut [u8], from: u32, to: u32) {
+    let mut at = 0;
+    while let Some(header) = messages.get(at..at + 5) {
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let tag = header[0];
+        if tag == b'A' && len >= 8 {
+            if let Some(pid) = messages.get_mut(at + 5..at + 9) {
+                if *pid == from.to_be_bytes() {
+                    pid.copy_from_slice(&to.to_be_bytes());
+                }
+            }
+        }
+        at += 1 + len.max(4);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,5 +394,28 @@ mod tests {
         };
         assert_eq!(ps.name().expect("name"), "appname");
         assert_eq!(ps.value().expect("value"), "ab");
+    }
+
+    #[test]
+    fn notification_pids_are_rewritten_only_where_they_match() {
+        let notification = |pid: u32, channel: &str| {
+            let mut m = vec![b'A'];
+            let body_len = 4 + channel.len() + 1 + 1;
+            m.extend_from_slice(&((body_len + 4) as u32).to_be_bytes());
+            m.extend_from_slice(&pid.to_be_bytes());
+            m.extend_from_slice(channel.as_bytes());
+            m.extend_from_slice(&[0, 0]);
+            m
+        };
+        let mut bytes = notification(7, "mine");
+        bytes.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        bytes.extend_from_slice(&notification(8, "other"));
+        bytes.extend_from_slice(&notification(7, "again"));
+        rewrite_notification_pids(&mut bytes, 7, 99);
+        let mut want = notification(99, "mine");
+        want.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        want.extend_from_slice(&notification(8, "other"));
+        want.extend_from_slice(&notification(99, "again"));
+        assert_eq!(bytes, want);
     }
 }

@@ -81,6 +81,9 @@ impl Session<'_> {
         }
         // The session's copy is the live one from now on; `release` hands it back.
         self.tracker.parameters = std::mem::take(&mut conn.conn.parameters);
+        // The client is told its first backend's pid, as on a direct connection.
+        self.cancel.adopt_pid(conn.conn.key.pid);
+        self.tracker.pid_rewrite = None;
         self.state = State::Attached(conn);
         let key = self.cancel.key();
         message::backend_key_data(&mut greeting, key.pid, key.secret);
@@ -259,6 +262,9 @@ impl Session<'_> {
         self.cancel.set_target(Some(conn.cancel_target()));
         self.who.node = Some(conn.node.clone());
         self.tracker.reset_backend_side();
+        let advertised = self.cancel.key().pid;
+        self.tracker.pid_rewrite =
+            (conn.key.pid != advertised).then_some((conn.key.pid, advertised));
         self.pipes.down.buf = std::mem::take(&mut conn.leftover);
         self.pipes.down.ready = 0;
         let binding = self.ctx.loads.bind(&conn.node);

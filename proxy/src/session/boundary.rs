@@ -14,7 +14,7 @@ use crate::backend::{self, BackendConn};
 use crate::config::PoolMode;
 use crate::error::{RequestError, SessionError};
 use crate::metrics as m;
-use crate::protocol::message::TxStatus;
+use crate::protocol::message::{self, TxStatus};
 use crate::router;
 use crate::topology::{AdminState, Health, NodeName, Snapshot};
 
@@ -131,8 +131,11 @@ impl Session<'_> {
         )
         .await;
         match reply {
-            Ok(x) => {
+            Ok(mut x) => {
                 if !x.notifications.is_empty() {
+                    if let Some((from, to)) = self.tracker.pid_rewrite {
+                        message::rewrite_notification_pids(&mut x.notifications, from, to);
+                    }
                     self.client
                         .write_all(&x.notifications)
                         .await

@@ -223,6 +223,11 @@ fn pass_node_bytes(
 ) -> Result<Option<Stop>, SessionError> {
     let scanned = t.scan_backend(&down.buf);
     down.ready = scanned.forward;
+    if let Some((_, advertised)) = t.pid_rewrite {
+        for at in t.pid_patches.drain(..) {
+            down.buf[at..at + 4].copy_from_slice(&advertised.to_be_bytes());
+        }
+    }
     if scanned.stopped.is_some() {
         return Ok(Some(Stop::NodeLeaving));
     }

@@ -100,6 +100,12 @@ pub struct Tracker {
     /// The node's FATAL that says it is going away, withheld from the client until graywire
     /// knows whether the node or only this backend is going.
     pub withheld_fatal: Option<WithheldFatal>,
+    /// While the session runs on a backend whose pid is not the one its client was given:
+    /// (that backend's pid, the advertised pid). NotificationResponses from the backend
+    /// itself are rewritten to the advertised pid, so a client recognises its own.
+    pub pid_rewrite: Option<(u32, u32)>,
+    /// Offsets, in the bytes last scanned, of NotificationResponse pids to rewrite.
+    pub pid_patches: Vec<usize>,
     request_started: Option<Stamp>,
     pub(super) frontend: Framer,
     backend: Framer,
@@ -138,6 +144,8 @@ impl Tracker {
             statements: Statements::default(),
             node_fatal: None,
             withheld_fatal: None,
+            pid_rewrite: None,
+            pid_patches: Vec::new(),
             request_started: None,
             frontend: Framer::default(),
             backend: Framer::default(),
@@ -348,6 +356,7 @@ impl Tracker {
                 }
                 Ok(match tag {
                     b'Z' | b'S' | b'E' => Handling::Inspect,
+                    b'A' if this.borrow().pid_rewrite.is_some() => Handling::Inspect,
                     b'G' | b'H' | b'W' => {
                         this.borrow_mut().in_copy = true;
                         Handling::Stream
@@ -362,6 +371,15 @@ impl Tracker {
                     b'Z' => this.on_ready_for_query(body),
                     b'S' => this.on_parameter_status(body),
                     b'E' => return Ok(this.on_error(body)),
+                    b'A' => {
+                        let from = this.pid_rewrite.map(|(from, _)| from.to_be_bytes());
+                        if from.is_some_and(|f| body.get(..4) == Some(&f[..])) {
+                            // Where this message's pid sits in `buf` (the framer hands out
+                            // sub-slices of it).
+                            let at = body.as_ptr().addr() - buf.as_ptr().addr();
+                            this.pid_patches.push(at);
+                        }
+                    }
                     _ => {}
                 }
                 Ok(Flow::Forward)

@@ -1167,3 +1167,31 @@ proptest! {
         prop_assert_eq!(params(&cut), params(&whole));
     }
 }
+
+#[test]
+fn notifications_from_the_backend_itself_are_marked_for_the_advertised_pid() {
+    let notification = |pid: u32, channel: &str| {
+        let mut body = pid.to_be_bytes().to_vec();
+        cstr(&mut body, channel);
+        cstr(&mut body, "");
+        msg(b'A', &body)
+    };
+    let ready = msg(b'Z', b"I");
+    let own = notification(7, "mine");
+    let other = notification(8, "theirs");
+    let stream = cat(&[own.clone(), other.clone(), ready.clone(), own.clone()]);
+    // (rewrite, the offsets of the pids to patch)
+    let own_at = [5, own.len() + other.len() + ready.len() + 5];
+    let cases: [(Option<(u32, u32)>, Vec<usize>); 3] = [
+        (None, vec![]),
+        (Some((7, 99)), own_at.to_vec()),
+        (Some((9, 99)), vec![]),
+    ];
+    for (rewrite, want) in cases {
+        let mut t = tracker(TxStatus::Idle, false);
+        t.pid_rewrite = rewrite;
+        let scanned = t.scan_backend(&stream);
+        assert_eq!(scanned.forward, stream.len(), "{rewrite:?}");
+        assert_eq!(t.pid_patches, want, "{rewrite:?}");
+    }
+}
