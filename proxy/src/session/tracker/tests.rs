@@ -1181,8 +1181,9 @@ fn notifications_from_the_backend_itself_are_marked_for_the_advertised_pid() {
     let other = notification(8, "theirs");
     let stream = cat(&[own.clone(), other.clone(), ready.clone(), own.clone()]);
     // (rewrite, the offsets of the pids to patch)
+    type Rewrite = Option<(u32, u32)>;
     let own_at = [5, own.len() + other.len() + ready.len() + 5];
-    let cases: [(Option<(u32, u32)>, Vec<usize>); 3] = [
+    let cases: [(Rewrite, Vec<usize>); 3] = [
         (None, vec![]),
         (Some((7, 99)), own_at.to_vec()),
         (Some((9, 99)), vec![]),
