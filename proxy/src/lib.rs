@@ -10,8 +10,8 @@
 //! - [`cancel`]: CancelRequest routing.
 //! - [`error`]: failure types and the only mapping to what clients see.
 //! - [`metrics`]: every metric name. [`admin`]: the HTTP API.
-//! - [`shutdown`]: two-deadline stop. [`localcluster`] and [`demo`]: a real cluster on this
-//!   machine for `graywire demo` and the tests.
+//! - [`shutdown`]: two-deadline stop. [`localcluster`]: a real cluster on this machine for
+//!   `graywire demo` (whose code, `src/demo/`, belongs to the binary) and the tests.
 
 pub mod admin;
 pub mod backend;
@@ -19,7 +19,6 @@ pub mod cancel;
 pub mod clock;
 pub mod config;
 pub mod context;
-pub mod demo;
 pub mod drain;
 pub mod error;
 pub mod health;

@@ -11,10 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use graywire::config::Config;
-use graywire::demo::{self, DemoOptions};
 use graywire::rollout::cli::RolloutArgs;
 use graywire::runtime::Runtimes;
 use graywire::Proxy;
+
+use demo::DemoOptions;
+
+mod demo;
 
 /// Sessions allocate and free buffers and small strings at every connection; glibc's malloc
 /// spends much of a short session's CPU consolidating its bins (measured with `perf` under
