@@ -10,8 +10,10 @@
 //! - [`cancel`]: CancelRequest routing.
 //! - [`error`]: failure types and the only mapping to what clients see.
 //! - [`metrics`]: every metric name. [`admin`]: the HTTP API.
-//! - [`shutdown`]: two-deadline stop. [`localcluster`]: a real cluster on this machine for
-//!   `graywire demo` (whose code, `src/demo/`, belongs to the binary) and the tests.
+//! - [`shutdown`]: two-deadline stop.
+//!
+//! `graywire demo` (`src/demo/`) belongs to the binary; its local cluster is the
+//! `graywire-localcluster` crate (`proxy/localcluster/`), shared with the tests.
 
 pub mod admin;
 pub mod backend;
@@ -24,7 +26,6 @@ pub mod error;
 pub mod health;
 pub mod listener;
 pub mod load;
-pub mod localcluster;
 pub mod metrics;
 pub mod pool;
 pub mod probe;

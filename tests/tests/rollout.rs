@@ -10,8 +10,8 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use graywire::localcluster::{LocalCluster, PgBinaries};
 use graywire::rollout::{cli, Report, Step};
+use graywire_localcluster::{LocalCluster, PgBinaries};
 use graywire_tests::load::{error_counts, Load};
 use graywire_tests::{
     config_for, fetch_other_build, pgbench, start_cluster, ProxyOptions, RunningProxy,

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use graywire::config::{Config, ConfigError};
-use graywire::localcluster::{ClusterSpec, LocalCluster, LocalClusterError};
 use graywire::Proxy;
+use graywire_localcluster::{ClusterSpec, LocalCluster, LocalClusterError};
 
 /// The client user the demo creates, and its password.
 pub const DEMO_USER: &str = "app";
