@@ -10,9 +10,10 @@
 //! Optional bounds: `max_stall`, `max_gaps`, `max_p99`, `max_lag` (and every node up, when node
 //! figures are given).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ledger::WindowStats;
 
@@ -140,16 +141,17 @@ pub struct ReadBack {
 }
 
 /// One condition of the verdict.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
-    pub name: &'static str,
+    /// Static when evaluated here; owned when read back from `GET /v1/gate`.
+    pub name: Cow<'static, str>,
     pub pass: bool,
     pub bound: String,
     pub measured: String,
 }
 
 /// The verdict.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub pass: bool,
     pub window_seconds: f64,
@@ -180,19 +182,19 @@ pub fn evaluate(
 ) -> Verdict {
     let mut c = Vec::new();
     c.push(Condition {
-        name: "lost_writes",
+        name: Cow::Borrowed("lost_writes"),
         pass: read_back.lost_in_window == 0,
         bound: "0".into(),
         measured: read_back.lost_in_window.to_string(),
     });
     c.push(Condition {
-        name: "writes_acknowledged",
+        name: Cow::Borrowed("writes_acknowledged"),
         pass: stats.acked > 0,
         bound: ">= 1".into(),
         measured: stats.acked.to_string(),
     });
     c.push(Condition {
-        name: "read_back_fresh",
+        name: Cow::Borrowed("read_back_fresh"),
         pass: read_back
             .verified_ago
             .is_some_and(|a| a <= read_back.verify_deadline),
@@ -203,7 +205,7 @@ pub fn evaluate(
     });
     if let Some(max) = query.max_stall {
         c.push(Condition {
-            name: "max_stall",
+            name: Cow::Borrowed("max_stall"),
             pass: stats.max_stall <= max,
             bound: format!("<= {}", secs(max)),
             measured: secs(stats.max_stall),
@@ -211,7 +213,7 @@ pub fn evaluate(
     }
     if let Some(max) = query.max_gaps {
         c.push(Condition {
-            name: "gaps",
+            name: Cow::Borrowed("gaps"),
             pass: read_back.gaps_in_window <= max,
             bound: format!("<= {max}"),
             measured: read_back.gaps_in_window.to_string(),
@@ -219,7 +221,7 @@ pub fn evaluate(
     }
     if let Some(max) = query.max_p99 {
         c.push(Condition {
-            name: "write_latency_p99",
+            name: Cow::Borrowed("write_latency_p99"),
             pass: stats.latency_p99.is_some_and(|p| p <= max),
             bound: format!("<= {}", secs(max)),
             measured: stats.latency_p99.map_or_else(|| "none".to_owned(), secs),
@@ -237,7 +239,7 @@ pub fn evaluate(
             .map(|n| n.name.as_str())
             .collect();
         c.push(Condition {
-            name: "nodes_up",
+            name: Cow::Borrowed("nodes_up"),
             pass: down.is_empty() && !nodes.is_empty(),
             bound: "all nodes up (drained counts as up)".into(),
             measured: match (down.is_empty(), drained.is_empty()) {
@@ -258,7 +260,7 @@ pub fn evaluate(
             }
             let over = worst.is_some_and(|(l, _)| l > max.as_secs_f64());
             c.push(Condition {
-                name: "replication_lag",
+                name: Cow::Borrowed("replication_lag"),
                 pass: !over && unknown.is_empty(),
                 bound: format!("<= {}", secs(max)),
                 measured: match (worst, unknown.is_empty()) {
@@ -270,7 +272,7 @@ pub fn evaluate(
         }
     } else if query.max_lag.is_some() {
         c.push(Condition {
-            name: "replication_lag",
+            name: Cow::Borrowed("replication_lag"),
             pass: false,
             bound: "max_lag needs node figures".into(),
             measured: "unavailable: this probe runs outside graywire".into(),

@@ -195,7 +195,10 @@ fn gate(admin: &Admin, query: &str) -> Reply {
 /// `GET /v1/probe?window=60s`: the probe's figures.
 fn probe_status(admin: &Admin, query: &str) -> Reply {
     match probe_and_query(admin, query) {
-        Ok((probe, q)) => json_reply(StatusCode::OK, probe.status(q.window)),
+        Ok((probe, q)) => json_reply(
+            StatusCode::OK,
+            serde_json::to_value(probe.status(q.window)).unwrap_or_default(),
+        ),
         Err(reply) => *reply,
     }
 }
