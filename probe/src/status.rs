@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Configuration, figures over a window, totals and read-back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProbeStatus {
     pub writer: String,
     /// `retry` or `skip`.
@@ -19,7 +19,7 @@ pub struct ProbeStatus {
 }
 
 /// Figures over the window (see [`crate::ledger::WindowStats`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WindowFigures {
     pub acked: u64,
     pub failed_attempts: u64,
@@ -37,7 +37,7 @@ pub struct WindowFigures {
 }
 
 /// Totals of the records that left the horizon (see [`crate::ledger::Totals`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TotalFigures {
     pub acked: u64,
     pub failed_attempts: u64,
@@ -47,7 +47,7 @@ pub struct TotalFigures {
 }
 
 /// What the read-backs found (see [`crate::verify::ReadBackState`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadBackFigures {
     pub runs_ok: u64,
     pub runs_failed: u64,

@@ -9,7 +9,8 @@
 //! - [`topology`], [`health`], [`router`]: what the nodes are and which one serves a session.
 //! - [`cancel`]: CancelRequest routing.
 //! - [`error`]: failure types and the only mapping to what clients see.
-//! - [`metrics`]: every metric name. [`admin`]: the HTTP API.
+//! - [`metrics`]: every metric name. [`admin`]: the HTTP API (its reply types and client are
+//!   the `graywire-api` crate, `proxy/api/`).
 //! - [`shutdown`]: two-deadline stop.
 //!
 //! `graywire demo` (`src/demo/`) belongs to the binary; its local cluster is the

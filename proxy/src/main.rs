@@ -317,7 +317,7 @@ fn gate_command(args: GateArgs) -> ExitCode {
             }
         }
     }
-    let addr = match graywire::admin::admin_address(&args.admin) {
+    let addr = match graywire_api::admin_address(&args.admin) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("graywire gate: --admin: {e}");
@@ -338,19 +338,15 @@ fn gate_command(args: GateArgs) -> ExitCode {
     runtime.block_on(async move {
         let deadline = std::time::Instant::now() + args.timeout;
         loop {
-            let last = match graywire::admin::http_get(&addr, &path).await {
+            let last = match graywire_api::http_get(&addr, &path).await {
                 Ok((200, body)) => {
                     println!("gate passed: {body}");
                     return ExitCode::SUCCESS;
                 }
                 Ok((503, body)) => {
-                    let reasons = serde_json::from_str::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["reasons"].as_array().cloned())
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|r| r.as_str().map(String::from))
-                        .collect::<Vec<_>>();
+                    let reasons = serde_json::from_str::<graywire_api::GateReply>(&body)
+                        .map(|g| g.reasons)
+                        .unwrap_or_default();
                     format!("gate failed:\n  {}", reasons.join("\n  "))
                 }
                 Ok((400, body)) => {

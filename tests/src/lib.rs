@@ -379,7 +379,7 @@ pub async fn http_request_with(
         .await
         .expect("admin answers")
         .unwrap();
-    graywire::admin::split_http_response(&String::from_utf8_lossy(&buf))
+    graywire_api::split_http_response(&String::from_utf8_lossy(&buf))
 }
 
 /// Runs psql with `args` against `url`; returns (success, stdout, stderr).

@@ -180,7 +180,7 @@ pub fn spec(args: &RolloutArgs) -> Result<RolloutSpec, Vec<String>> {
     let switchover = template(CommandKind::Switchover, args.switchover_cmd.as_ref());
     let finalize = template(CommandKind::Finalize, args.finalize_cmd.as_ref());
     for url in &args.admins {
-        if let Err(e) = crate::admin::admin_address(url) {
+        if let Err(e) = graywire_api::admin_address(url) {
             problems.push(format!("--admin: {e}"));
         }
     }

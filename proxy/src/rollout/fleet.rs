@@ -4,70 +4,15 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::Value as Json;
-
-use crate::admin::{admin_address, http_call};
+use graywire_api::{admin_address, http_call, DrainReply, GateReply, ProbeStatus};
 
 /// How long a read-only admin call may take.
 const CALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// One node as an instance reports it (`GET /v1/nodes`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct NodeView {
-    pub name: String,
-    /// `host:port`.
-    pub address: String,
-    /// `primary`, `standby` or `unknown`.
-    pub role: String,
-    /// `up`, `down`, `draining` or `drained`.
-    pub state: String,
-    pub version: Option<String>,
-    pub started_at: Option<f64>,
-    pub lag_bytes: Option<u64>,
-    pub lag_seconds: Option<f64>,
-    #[serde(default)]
-    pub sessions: u64,
-}
-
-impl NodeView {
-    pub fn host(&self) -> &str {
-        self.address
-            .rsplit_once(':')
-            .map_or(self.address.as_str(), |(h, _)| h)
-    }
-
-    pub fn port(&self) -> &str {
-        self.address.rsplit_once(':').map_or("", |(_, p)| p)
-    }
-
-    /// One line for messages: state, role, version and lag.
-    pub fn describe(&self) -> String {
-        format!(
-            "state {}, role {}, version {}, lag {}",
-            self.state,
-            self.role,
-            self.version.as_deref().unwrap_or("unknown"),
-            self.lag_bytes
-                .map_or_else(|| "unknown".to_owned(), |b| format!("{b} bytes"))
-        )
-    }
-}
-
-/// What one instance sees.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ClusterView {
-    pub nodes: Vec<NodeView>,
-    pub primary: Option<String>,
-    #[serde(default)]
-    pub split_brain: bool,
-}
-
-impl ClusterView {
-    pub fn node(&self, name: &str) -> Option<&NodeView> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-}
+pub use graywire_api::Node as NodeView;
+/// What one instance sees (`GET /v1/nodes`).
+pub use graywire_api::NodeList as ClusterView;
 
 /// One graywire instance.
 #[derive(Debug, Clone)]
@@ -88,7 +33,7 @@ pub struct GateAnswer {
     /// write inside the window stays inside it as the window grows).
     pub final_failure: bool,
     /// The verdicts, as the instances gave them.
-    pub verdicts: Vec<Json>,
+    pub verdicts: Vec<GateReply>,
 }
 
 /// Conditions whose failure does not heal while the window keeps covering the step.
@@ -256,23 +201,19 @@ impl Fleet {
         for i in self.instances.iter().filter(|i| i.has_probe) {
             let (status, body) =
                 call(i, "GET", &format!("/v1/gate?{query}"), None, CALL_LIMIT).await?;
-            let verdict: Json = serde_json::from_str(&body)
+            let verdict: GateReply = serde_json::from_str(&body)
                 .map_err(|e| format!("{}: the gate answer is not JSON ({e}): {body}", i.url))?;
             match status {
                 200 => {}
                 503 => {
                     answer.pass = false;
-                    for c in verdict["conditions"].as_array().into_iter().flatten() {
-                        if c["pass"] == false {
-                            let name = c["name"].as_str().unwrap_or("?");
-                            answer.final_failure |= LASTING_CONDITIONS.contains(&name);
-                            answer.reasons.push(format!(
-                                "{}: {name}: measured {}, bound {}",
-                                i.url,
-                                c["measured"].as_str().unwrap_or("?"),
-                                c["bound"].as_str().unwrap_or("?")
-                            ));
-                        }
+                    for c in verdict.verdict.conditions.iter().filter(|c| !c.pass) {
+                        let name = c.name.as_ref();
+                        answer.final_failure |= LASTING_CONDITIONS.contains(&name);
+                        answer.reasons.push(format!(
+                            "{}: {name}: measured {}, bound {}",
+                            i.url, c.measured, c.bound
+                        ));
                     }
                 }
                 _ => return Err(format!("{}: GET /v1/gate answered {status}: {body}", i.url)),
@@ -283,7 +224,7 @@ impl Fleet {
     }
 
     /// The probe's figures over `window` from the first instance that runs a probe.
-    pub async fn probe_status(&self, window: Duration) -> Option<Json> {
+    pub async fn probe_status(&self, window: Duration) -> Option<ProbeStatus> {
         let i = self.instances.iter().find(|i| i.has_probe)?;
         let path = format!("/v1/probe?window={}ms", window.as_millis().max(1));
         match call(i, "GET", &path, None, CALL_LIMIT).await {
@@ -305,11 +246,13 @@ async fn call(
         .map_err(|e| format!("{}: {method} {path}: {e}", i.url))
 }
 
-/// What a 202 drain answer says is left on the node.
+/// What a 202 drain answer says is left on the node, as JSON (keys in alphabetical order,
+/// as the server writes them).
 fn remaining(body: &str) -> String {
-    serde_json::from_str::<Json>(body)
+    serde_json::from_str::<DrainReply>(body)
         .ok()
-        .map(|v| v["remaining"].to_string())
+        .and_then(|r| serde_json::to_value(r.remaining).ok())
+        .map(|v| v.to_string())
         .unwrap_or_else(|| body.to_owned())
 }
 
