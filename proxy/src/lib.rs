@@ -31,7 +31,6 @@ pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod protocol;
-pub mod rollout;
 pub mod router;
 pub mod runtime;
 pub mod session;

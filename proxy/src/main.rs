@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use graywire::config::Config;
-use graywire::rollout::cli::RolloutArgs;
 use graywire::runtime::Runtimes;
 use graywire::Proxy;
+use graywire_rollout::cli::RolloutArgs;
 
 use demo::DemoOptions;
 
@@ -371,7 +371,7 @@ fn rollout_command(args: RolloutArgs) -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(r) => ExitCode::from(r.block_on(graywire::rollout::cli::run(args)).0),
+        Ok(r) => ExitCode::from(r.block_on(graywire_rollout::cli::run(args)).0),
         Err(e) => {
             eprintln!("graywire rollout: cannot start the runtime: {e}");
             ExitCode::FAILURE

@@ -408,7 +408,7 @@ pub fn render(spec: &RolloutSpec, plan: &Plan, view: &ClusterView, urls: &[Strin
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::rollout::{CommandKind, Template};
+    use crate::{CommandKind, Template};
     use std::time::Duration;
 
     fn node(name: &str, role: &str, state: &str, version: &str, lag: u64) -> NodeView {
