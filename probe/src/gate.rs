@@ -20,6 +20,26 @@ use crate::ledger::WindowStats;
 /// Longest window a gate may be asked about.
 pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
+/// Why a gate query (an HTTP query string, or `graywire gate`'s and `graywire rollout`'s
+/// flags) was refused; each names its parameter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GateQueryError {
+    #[error("{key}={value:?} is not a duration (e.g. 500ms, 30s): {reason}")]
+    NotADuration {
+        key: String,
+        value: String,
+        reason: humantime::DurationError,
+    },
+    #[error("{key}={value} is longer than {MAX_WINDOW:?}")]
+    TooLong { key: String, value: String },
+    #[error("window must be longer than zero")]
+    ZeroWindow,
+    #[error("max_gaps={value:?} is not a whole number")]
+    NotAWholeNumber { value: String },
+    #[error("unknown parameter {name:?} (window, max_stall, max_gaps, max_p99, max_lag)")]
+    UnknownParameter { name: String },
+}
+
 /// What the caller asks for. Parsed from `window=30s&max_stall=1s&…` by [`GateQuery::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateQuery {
@@ -44,7 +64,7 @@ impl Default for GateQuery {
 
 impl GateQuery {
     /// Parses a URL query string; every problem is reported with its parameter.
-    pub fn parse(query: &str) -> Result<GateQuery, String> {
+    pub fn parse(query: &str) -> Result<GateQuery, GateQueryError> {
         let mut q = GateQuery::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -54,12 +74,19 @@ impl GateQuery {
     }
 
     /// Sets one parameter (shared by the HTTP query and the CLI flags).
-    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-        let duration = |v: &str| -> Result<Duration, String> {
-            let d = humantime::parse_duration(v)
-                .map_err(|e| format!("{key}={v:?} is not a duration (e.g. 500ms, 30s): {e}"))?;
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), GateQueryError> {
+        let duration = |v: &str| -> Result<Duration, GateQueryError> {
+            let d =
+                humantime::parse_duration(v).map_err(|reason| GateQueryError::NotADuration {
+                    key: key.to_owned(),
+                    value: v.to_owned(),
+                    reason,
+                })?;
             if d > MAX_WINDOW {
-                return Err(format!("{key}={v} is longer than {MAX_WINDOW:?}"));
+                return Err(GateQueryError::TooLong {
+                    key: key.to_owned(),
+                    value: v.to_owned(),
+                });
             }
             Ok(d)
         };
@@ -67,7 +94,7 @@ impl GateQuery {
             "window" => {
                 let d = duration(value)?;
                 if d.is_zero() {
-                    return Err("window must be longer than zero".into());
+                    return Err(GateQueryError::ZeroWindow);
                 }
                 self.window = d;
             }
@@ -75,16 +102,15 @@ impl GateQuery {
             "max_p99" => self.max_p99 = Some(duration(value)?),
             "max_lag" => self.max_lag = Some(duration(value)?),
             "max_gaps" => {
-                self.max_gaps = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("max_gaps={value:?} is not a whole number"))?,
-                )
+                self.max_gaps =
+                    Some(value.parse().map_err(|_| GateQueryError::NotAWholeNumber {
+                        value: value.to_owned(),
+                    })?)
             }
             other => {
-                return Err(format!(
-                    "unknown parameter {other:?} (window, max_stall, max_gaps, max_p99, max_lag)"
-                ))
+                return Err(GateQueryError::UnknownParameter {
+                    name: other.to_owned(),
+                })
             }
         }
         Ok(())
@@ -331,7 +357,7 @@ mod tests {
             ("max_stall=2days", "max_stall=2days is longer"),
             ("maxstall=1s", "unknown parameter \"maxstall\""),
         ] {
-            let e = GateQuery::parse(bad).expect_err(bad);
+            let e = GateQuery::parse(bad).expect_err(bad).to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

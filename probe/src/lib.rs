@@ -35,14 +35,21 @@ pub enum Mode {
     Skip,
 }
 
+/// A probe mode that is neither `retry` nor `skip`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not a probe mode (\"retry\" or \"skip\")")]
+pub struct BadMode {
+    pub given: String,
+}
+
 impl Mode {
-    pub fn parse(s: &str) -> Result<Mode, String> {
+    pub fn parse(s: &str) -> Result<Mode, BadMode> {
         match s {
             "retry" => Ok(Mode::Retry),
             "skip" => Ok(Mode::Skip),
-            other => Err(format!(
-                "{other:?} is not a probe mode (\"retry\" or \"skip\")"
-            )),
+            other => Err(BadMode {
+                given: other.to_owned(),
+            }),
         }
     }
 

@@ -173,7 +173,7 @@ fn probe_and_query<'a>(
     };
     GateQuery::parse(query)
         .map(|q| (probe, q))
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e)))
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e.to_string())))
 }
 
 /// `GET /v1/gate?window=30s&max_stall=1s&…`: 200 on pass, 503 on fail, 400 on a bad query.
