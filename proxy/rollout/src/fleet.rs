@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use graywire_api::{admin_address, http_call, DrainReply, GateReply, ProbeStatus};
+use graywire_api::{admin_address, http_call, AdminUrlError, DrainReply, GateReply, ProbeStatus};
 
 /// How long a read-only admin call may take.
 const CALL_LIMIT: Duration = Duration::from_secs(10);
@@ -13,6 +13,78 @@ const CALL_LIMIT: Duration = Duration::from_secs(10);
 pub use graywire_api::Node as NodeView;
 /// What one instance sees (`GET /v1/nodes`).
 pub use graywire_api::NodeList as ClusterView;
+
+/// What went wrong talking to the instances; every variant names the instance (its URL).
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("give at least one --admin URL")]
+    NoInstances,
+    #[error("--admin: {0}")]
+    BadUrl(#[from] AdminUrlError),
+    /// The request got no answer.
+    #[error("{url}: {method} {path}: {reason}")]
+    Call {
+        url: String,
+        method: &'static str,
+        path: String,
+        reason: std::io::Error,
+    },
+    /// An instance that did not answer while the fleet was being put together.
+    #[error("{url}: {reason}")]
+    Unreachable {
+        url: String,
+        reason: Box<FleetError>,
+    },
+    /// An answer with a status the call does not expect.
+    #[error("{url}: {call} answered {status}: {body}")]
+    Answered {
+        url: String,
+        call: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error(
+        "{url}: the admin token is {} (--token or $GRAYWIRE_ADMIN_TOKEN)",
+        if *.given { "wrong" } else { "missing" }
+    )]
+    Token { url: String, given: bool },
+    #[error("{url}: GET /v1/nodes is not a graywire node list ({reason}): {body}")]
+    NotNodeList {
+        url: String,
+        reason: serde_json::Error,
+        body: String,
+    },
+    #[error("{url}: the gate answer is not JSON ({reason}): {body}")]
+    NotVerdict {
+        url: String,
+        reason: serde_json::Error,
+        body: String,
+    },
+    /// A drain that did not complete within its wait, with what is left (JSON).
+    #[error("{url}: {node} did not empty within {wait:?}: {remaining}")]
+    NotEmptied {
+        url: String,
+        node: String,
+        wait: Duration,
+        remaining: String,
+    },
+    #[error("drain call failed: {0}")]
+    DrainTask(tokio::task::JoinError),
+    /// One problem per instance, for calls that go to all of them.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<FleetError>),
+}
+
+impl FleetError {
+    /// `problems` as one error, or `Ok` when there are none.
+    fn from_problems(mut problems: Vec<FleetError>) -> Result<(), FleetError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(FleetError::Several(problems)),
+        }
+    }
+}
 
 /// One graywire instance.
 #[derive(Debug, Clone)]
@@ -48,13 +120,13 @@ pub struct Fleet {
 
 impl Fleet {
     /// Checks every URL answers `/v1/nodes` and finds which instances run a probe.
-    pub async fn connect(urls: &[String], token: Option<String>) -> Result<Fleet, String> {
+    pub async fn connect(urls: &[String], token: Option<String>) -> Result<Fleet, FleetError> {
         if urls.is_empty() {
-            return Err("give at least one --admin URL".into());
+            return Err(FleetError::NoInstances);
         }
         let mut instances = Vec::new();
         for url in urls {
-            let addr = admin_address(url).map_err(|e| format!("--admin: {e}"))?;
+            let addr = admin_address(url)?;
             let mut instance = Instance {
                 url: url.trim_end_matches('/').to_owned(),
                 addr,
@@ -62,13 +134,18 @@ impl Fleet {
             };
             let (status, body) = call(&instance, "GET", "/v1/gate?window=1s", None, CALL_LIMIT)
                 .await
-                .map_err(|e| format!("{}: {e}", instance.url))?;
+                .map_err(|e| FleetError::Unreachable {
+                    url: instance.url.clone(),
+                    reason: Box::new(e),
+                })?;
             instance.has_probe = status != 404;
             if !matches!(status, 200 | 503 | 404) {
-                return Err(format!(
-                    "{}: GET /v1/gate answered {status}: {body}",
-                    instance.url
-                ));
+                return Err(FleetError::Answered {
+                    url: instance.url,
+                    call: "GET /v1/gate",
+                    status,
+                    body,
+                });
             }
             instances.push(instance);
         }
@@ -81,27 +158,24 @@ impl Fleet {
     /// Checks every instance accepts the token for mutating calls, without changing
     /// anything: an undrain of a node that does not exist answers 404 when authorized and 401
     /// when not.
-    async fn check_token(&self) -> Result<(), String> {
+    async fn check_token(&self) -> Result<(), FleetError> {
         let path = "/v1/nodes/graywire-rollout-token-check/undrain";
         for i in &self.instances {
             match call(i, "POST", path, self.token.as_deref(), CALL_LIMIT).await? {
                 (404, _) => {}
                 (401, _) => {
-                    return Err(format!(
-                        "{}: the admin token is {} (--token or $GRAYWIRE_ADMIN_TOKEN)",
-                        i.url,
-                        if self.token.is_some() {
-                            "wrong"
-                        } else {
-                            "missing"
-                        }
-                    ))
+                    return Err(FleetError::Token {
+                        url: i.url.clone(),
+                        given: self.token.is_some(),
+                    })
                 }
                 (status, body) => {
-                    return Err(format!(
-                        "{}: the token check answered {status}: {body}",
-                        i.url
-                    ))
+                    return Err(FleetError::Answered {
+                        url: i.url.clone(),
+                        call: "the token check",
+                        status,
+                        body,
+                    })
                 }
             }
         }
@@ -113,22 +187,28 @@ impl Fleet {
     }
 
     /// What every instance sees, in order.
-    pub async fn views(&self) -> Result<Vec<ClusterView>, String> {
+    pub async fn views(&self) -> Result<Vec<ClusterView>, FleetError> {
         let mut out = Vec::new();
         for i in &self.instances {
             let (status, body) = call(i, "GET", "/v1/nodes", None, CALL_LIMIT).await?;
             if status != 200 {
-                return Err(format!(
-                    "{}: GET /v1/nodes answered {status}: {body}",
-                    i.url
-                ));
+                return Err(FleetError::Answered {
+                    url: i.url.clone(),
+                    call: "GET /v1/nodes",
+                    status,
+                    body,
+                });
             }
-            let view: ClusterView = serde_json::from_str(&body).map_err(|e| {
-                format!(
-                    "{}: GET /v1/nodes is not a graywire node list ({e}): {body}",
-                    i.url
-                )
-            })?;
+            let view: ClusterView = match serde_json::from_str(&body) {
+                Ok(v) => v,
+                Err(reason) => {
+                    return Err(FleetError::NotNodeList {
+                        url: i.url.clone(),
+                        reason,
+                        body,
+                    })
+                }
+            };
             out.push(view);
         }
         Ok(out)
@@ -136,7 +216,7 @@ impl Fleet {
 
     /// Drains `node` on every instance, each waiting up to `wait` for it to empty. Errors
     /// name the instance; a drain that did not complete in time is an error with what is left.
-    pub async fn drain(&self, node: &str, wait: Duration) -> Result<(), String> {
+    pub async fn drain(&self, node: &str, wait: Duration) -> Result<(), FleetError> {
         let path = format!("/v1/nodes/{node}/drain?wait={}ms", wait.as_millis());
         let mut calls = Vec::new();
         for i in &self.instances {
@@ -152,46 +232,46 @@ impl Fleet {
         for c in calls {
             match c.await {
                 Ok((_, Ok((200, _)))) => {}
-                Ok((url, Ok((202, body)))) => problems.push(format!(
-                    "{url}: {node} did not empty within {wait:?}: {}",
-                    remaining(&body)
-                )),
-                Ok((url, Ok((status, body)))) => {
-                    problems.push(format!("{url}: drain answered {status}: {body}"))
-                }
+                Ok((url, Ok((202, body)))) => problems.push(FleetError::NotEmptied {
+                    url,
+                    node: node.to_owned(),
+                    wait,
+                    remaining: remaining(&body),
+                }),
+                Ok((url, Ok((status, body)))) => problems.push(FleetError::Answered {
+                    url,
+                    call: "drain",
+                    status,
+                    body,
+                }),
                 Ok((_, Err(e))) => problems.push(e),
-                Err(e) => problems.push(format!("drain call failed: {e}")),
+                Err(e) => problems.push(FleetError::DrainTask(e)),
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
+        FleetError::from_problems(problems)
     }
 
     /// Puts `node` back in rotation on every instance (all are tried even when one fails).
-    pub async fn undrain(&self, node: &str) -> Result<(), String> {
+    pub async fn undrain(&self, node: &str) -> Result<(), FleetError> {
         let path = format!("/v1/nodes/{node}/undrain");
         let mut problems = Vec::new();
         for i in &self.instances {
             match call(i, "POST", &path, self.token.as_deref(), CALL_LIMIT).await {
                 Ok((200, _)) => {}
-                Ok((status, body)) => {
-                    problems.push(format!("{}: undrain answered {status}: {body}", i.url))
-                }
+                Ok((status, body)) => problems.push(FleetError::Answered {
+                    url: i.url.clone(),
+                    call: "undrain",
+                    status,
+                    body,
+                }),
                 Err(e) => problems.push(e),
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
+        FleetError::from_problems(problems)
     }
 
     /// The gate over `query` from every instance that runs a probe.
-    pub async fn gate(&self, query: &str) -> Result<GateAnswer, String> {
+    pub async fn gate(&self, query: &str) -> Result<GateAnswer, FleetError> {
         let mut answer = GateAnswer {
             pass: true,
             reasons: Vec::new(),
@@ -201,8 +281,16 @@ impl Fleet {
         for i in self.instances.iter().filter(|i| i.has_probe) {
             let (status, body) =
                 call(i, "GET", &format!("/v1/gate?{query}"), None, CALL_LIMIT).await?;
-            let verdict: GateReply = serde_json::from_str(&body)
-                .map_err(|e| format!("{}: the gate answer is not JSON ({e}): {body}", i.url))?;
+            let verdict: GateReply = match serde_json::from_str(&body) {
+                Ok(v) => v,
+                Err(reason) => {
+                    return Err(FleetError::NotVerdict {
+                        url: i.url.clone(),
+                        reason,
+                        body,
+                    })
+                }
+            };
             match status {
                 200 => {}
                 503 => {
@@ -216,7 +304,14 @@ impl Fleet {
                         ));
                     }
                 }
-                _ => return Err(format!("{}: GET /v1/gate answered {status}: {body}", i.url)),
+                _ => {
+                    return Err(FleetError::Answered {
+                        url: i.url.clone(),
+                        call: "GET /v1/gate",
+                        status,
+                        body,
+                    })
+                }
             }
             answer.verdicts.push(verdict);
         }
@@ -236,14 +331,19 @@ impl Fleet {
 
 async fn call(
     i: &Instance,
-    method: &str,
+    method: &'static str,
     path: &str,
     token: Option<&str>,
     limit: Duration,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), FleetError> {
     http_call(&i.addr, method, path, token, limit)
         .await
-        .map_err(|e| format!("{}: {method} {path}: {e}", i.url))
+        .map_err(|reason| FleetError::Call {
+            url: i.url.clone(),
+            method,
+            path: path.to_owned(),
+            reason,
+        })
 }
 
 /// What a 202 drain answer says is left on the node, as JSON (keys in alphabetical order,
@@ -275,5 +375,44 @@ mod tests {
         assert!(n
             .describe()
             .contains("state drained, role standby, version 15.20"));
+    }
+
+    #[test]
+    fn fleet_errors_name_the_instance_and_join_per_instance_problems() {
+        let call = |url: &str| FleetError::Call {
+            url: url.into(),
+            method: "GET",
+            path: "/v1/nodes".into(),
+            reason: std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10s"),
+        };
+        assert_eq!(
+            call("http://a:1").to_string(),
+            "http://a:1: GET /v1/nodes: no answer within 10s"
+        );
+        let token = |given| FleetError::Token {
+            url: "http://a:1".into(),
+            given,
+        };
+        assert_eq!(
+            token(false).to_string(),
+            "http://a:1: the admin token is missing (--token or $GRAYWIRE_ADMIN_TOKEN)"
+        );
+        assert!(token(true).to_string().contains("the admin token is wrong"));
+        let drained = FleetError::NotEmptied {
+            url: "http://b:2".into(),
+            node: "pg1".into(),
+            wait: Duration::from_secs(1),
+            remaining: remaining(
+                r#"{"node":"pg1","state":"draining","drained":false,"waited_seconds":1.0,
+                   "remaining":{"sessions":1,"backend_connections":1,"pinned_sessions":1}}"#,
+            ),
+        };
+        let both = FleetError::from_problems(vec![call("http://a:1"), drained]).unwrap_err();
+        assert_eq!(
+            both.to_string(),
+            "http://a:1: GET /v1/nodes: no answer within 10s; http://b:2: pg1 did not empty \
+             within 1s: {\"backend_connections\":1,\"pinned_sessions\":1,\"sessions\":1}"
+        );
+        assert!(FleetError::from_problems(Vec::new()).is_ok());
     }
 }
