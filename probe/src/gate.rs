@@ -10,14 +10,35 @@
 //! Optional bounds: `max_stall`, `max_gaps`, `max_p99`, `max_lag` (and every node up, when node
 //! figures are given).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ledger::WindowStats;
 
 /// Longest window a gate may be asked about.
 pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a gate query (an HTTP query string, or `graywire gate`'s and `graywire rollout`'s
+/// flags) was refused; each names its parameter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GateQueryError {
+    #[error("{key}={value:?} is not a duration (e.g. 500ms, 30s): {reason}")]
+    NotADuration {
+        key: String,
+        value: String,
+        reason: humantime::DurationError,
+    },
+    #[error("{key}={value} is longer than {MAX_WINDOW:?}")]
+    TooLong { key: String, value: String },
+    #[error("window must be longer than zero")]
+    ZeroWindow,
+    #[error("max_gaps={value:?} is not a whole number")]
+    NotAWholeNumber { value: String },
+    #[error("unknown parameter {name:?} (window, max_stall, max_gaps, max_p99, max_lag)")]
+    UnknownParameter { name: String },
+}
 
 /// What the caller asks for. Parsed from `window=30s&max_stall=1s&…` by [`GateQuery::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +64,7 @@ impl Default for GateQuery {
 
 impl GateQuery {
     /// Parses a URL query string; every problem is reported with its parameter.
-    pub fn parse(query: &str) -> Result<GateQuery, String> {
+    pub fn parse(query: &str) -> Result<GateQuery, GateQueryError> {
         let mut q = GateQuery::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -53,12 +74,19 @@ impl GateQuery {
     }
 
     /// Sets one parameter (shared by the HTTP query and the CLI flags).
-    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-        let duration = |v: &str| -> Result<Duration, String> {
-            let d = humantime::parse_duration(v)
-                .map_err(|e| format!("{key}={v:?} is not a duration (e.g. 500ms, 30s): {e}"))?;
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), GateQueryError> {
+        let duration = |v: &str| -> Result<Duration, GateQueryError> {
+            let d =
+                humantime::parse_duration(v).map_err(|reason| GateQueryError::NotADuration {
+                    key: key.to_owned(),
+                    value: v.to_owned(),
+                    reason,
+                })?;
             if d > MAX_WINDOW {
-                return Err(format!("{key}={v} is longer than {MAX_WINDOW:?}"));
+                return Err(GateQueryError::TooLong {
+                    key: key.to_owned(),
+                    value: v.to_owned(),
+                });
             }
             Ok(d)
         };
@@ -66,7 +94,7 @@ impl GateQuery {
             "window" => {
                 let d = duration(value)?;
                 if d.is_zero() {
-                    return Err("window must be longer than zero".into());
+                    return Err(GateQueryError::ZeroWindow);
                 }
                 self.window = d;
             }
@@ -74,16 +102,15 @@ impl GateQuery {
             "max_p99" => self.max_p99 = Some(duration(value)?),
             "max_lag" => self.max_lag = Some(duration(value)?),
             "max_gaps" => {
-                self.max_gaps = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("max_gaps={value:?} is not a whole number"))?,
-                )
+                self.max_gaps =
+                    Some(value.parse().map_err(|_| GateQueryError::NotAWholeNumber {
+                        value: value.to_owned(),
+                    })?)
             }
             other => {
-                return Err(format!(
-                    "unknown parameter {other:?} (window, max_stall, max_gaps, max_p99, max_lag)"
-                ))
+                return Err(GateQueryError::UnknownParameter {
+                    name: other.to_owned(),
+                })
             }
         }
         Ok(())
@@ -140,16 +167,17 @@ pub struct ReadBack {
 }
 
 /// One condition of the verdict.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
-    pub name: &'static str,
+    /// Static when evaluated here; owned when read back from `GET /v1/gate`.
+    pub name: Cow<'static, str>,
     pub pass: bool,
     pub bound: String,
     pub measured: String,
 }
 
 /// The verdict.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub pass: bool,
     pub window_seconds: f64,
@@ -180,19 +208,19 @@ pub fn evaluate(
 ) -> Verdict {
     let mut c = Vec::new();
     c.push(Condition {
-        name: "lost_writes",
+        name: Cow::Borrowed("lost_writes"),
         pass: read_back.lost_in_window == 0,
         bound: "0".into(),
         measured: read_back.lost_in_window.to_string(),
     });
     c.push(Condition {
-        name: "writes_acknowledged",
+        name: Cow::Borrowed("writes_acknowledged"),
         pass: stats.acked > 0,
         bound: ">= 1".into(),
         measured: stats.acked.to_string(),
     });
     c.push(Condition {
-        name: "read_back_fresh",
+        name: Cow::Borrowed("read_back_fresh"),
         pass: read_back
             .verified_ago
             .is_some_and(|a| a <= read_back.verify_deadline),
@@ -203,7 +231,7 @@ pub fn evaluate(
     });
     if let Some(max) = query.max_stall {
         c.push(Condition {
-            name: "max_stall",
+            name: Cow::Borrowed("max_stall"),
             pass: stats.max_stall <= max,
             bound: format!("<= {}", secs(max)),
             measured: secs(stats.max_stall),
@@ -211,7 +239,7 @@ pub fn evaluate(
     }
     if let Some(max) = query.max_gaps {
         c.push(Condition {
-            name: "gaps",
+            name: Cow::Borrowed("gaps"),
             pass: read_back.gaps_in_window <= max,
             bound: format!("<= {max}"),
             measured: read_back.gaps_in_window.to_string(),
@@ -219,7 +247,7 @@ pub fn evaluate(
     }
     if let Some(max) = query.max_p99 {
         c.push(Condition {
-            name: "write_latency_p99",
+            name: Cow::Borrowed("write_latency_p99"),
             pass: stats.latency_p99.is_some_and(|p| p <= max),
             bound: format!("<= {}", secs(max)),
             measured: stats.latency_p99.map_or_else(|| "none".to_owned(), secs),
@@ -237,7 +265,7 @@ pub fn evaluate(
             .map(|n| n.name.as_str())
             .collect();
         c.push(Condition {
-            name: "nodes_up",
+            name: Cow::Borrowed("nodes_up"),
             pass: down.is_empty() && !nodes.is_empty(),
             bound: "all nodes up (drained counts as up)".into(),
             measured: match (down.is_empty(), drained.is_empty()) {
@@ -258,7 +286,7 @@ pub fn evaluate(
             }
             let over = worst.is_some_and(|(l, _)| l > max.as_secs_f64());
             c.push(Condition {
-                name: "replication_lag",
+                name: Cow::Borrowed("replication_lag"),
                 pass: !over && unknown.is_empty(),
                 bound: format!("<= {}", secs(max)),
                 measured: match (worst, unknown.is_empty()) {
@@ -270,7 +298,7 @@ pub fn evaluate(
         }
     } else if query.max_lag.is_some() {
         c.push(Condition {
-            name: "replication_lag",
+            name: Cow::Borrowed("replication_lag"),
             pass: false,
             bound: "max_lag needs node figures".into(),
             measured: "unavailable: this probe runs outside graywire".into(),
@@ -329,7 +357,7 @@ mod tests {
             ("max_stall=2days", "max_stall=2days is longer"),
             ("maxstall=1s", "unknown parameter \"maxstall\""),
         ] {
-            let e = GateQuery::parse(bad).expect_err(bad);
+            let e = GateQuery::parse(bad).expect_err(bad).to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

@@ -6,21 +6,23 @@
 //! - [`ledger`]: pure per-id records and every figure over a window.
 //! - [`writer`]: the tick loop. [`verify`]: the read-back.
 //! - [`gate`]: pure verdict from figures and bounds. [`metrics`]: every metric name.
+//! - [`status`]: the figures as `GET /v1/probe` serves them.
 
 pub mod gate;
 pub mod ledger;
 pub mod metrics;
+pub mod status;
 pub mod verify;
 pub mod writer;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use gate::{GateQuery, NodeFigure, ReadBack, Verdict};
 use ledger::{At, Ledger, WindowStats};
+use status::{ProbeStatus, ReadBackFigures, TotalFigures, WindowFigures};
 use verify::ReadBackState;
 
 /// What a failed write leads to.
@@ -33,14 +35,21 @@ pub enum Mode {
     Skip,
 }
 
+/// A probe mode that is neither `retry` nor `skip`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not a probe mode (\"retry\" or \"skip\")")]
+pub struct BadMode {
+    pub given: String,
+}
+
 impl Mode {
-    pub fn parse(s: &str) -> Result<Mode, String> {
+    pub fn parse(s: &str) -> Result<Mode, BadMode> {
         match s {
             "retry" => Ok(Mode::Retry),
             "skip" => Ok(Mode::Skip),
-            other => Err(format!(
-                "{other:?} is not a probe mode (\"retry\" or \"skip\")"
-            )),
+            other => Err(BadMode {
+                given: other.to_owned(),
+            }),
         }
     }
 
@@ -209,50 +218,51 @@ impl Probe {
         verdict
     }
 
-    /// A JSON summary: configuration, figures over `window`, totals, read-back.
-    pub fn status(&self, window: Duration) -> serde_json::Value {
+    /// A summary: configuration, figures over `window`, totals, read-back (the body of
+    /// `GET /v1/probe`).
+    pub fn status(&self, window: Duration) -> ProbeStatus {
         let now = self.shared.now();
         let s = self.shared.ledger().window(now, window);
         let totals = self.shared.ledger().totals();
         let rb = self.read_back();
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         let cfg = &self.shared.config;
-        json!({
-            "writer": cfg.writer,
-            "mode": cfg.mode.as_str(),
-            "interval_ms": cfg.interval.as_millis() as u64,
-            "window_seconds": window.as_secs_f64(),
-            "window": {
-                "acked": s.acked,
-                "failed_attempts": s.failed_attempts,
-                "errors": s.errors,
-                "latency_p50_ms": ms(s.latency_p50),
-                "latency_p99_ms": ms(s.latency_p99),
-                "latency_max_ms": ms(s.latency_max),
-                "max_stall_seconds": s.max_stall.as_secs_f64(),
-                "open_stall_seconds": s.open_stall.as_secs_f64(),
-                "disruption_seconds": s.disruption.as_secs_f64(),
-                "missed_ticks": s.missed_ticks,
-                "abandoned": s.abandoned,
-                "highest_acked": s.highest_acked,
+        ProbeStatus {
+            writer: cfg.writer.clone(),
+            mode: cfg.mode.as_str().to_owned(),
+            interval_ms: cfg.interval.as_millis() as u64,
+            window_seconds: window.as_secs_f64(),
+            window: WindowFigures {
+                acked: s.acked,
+                failed_attempts: s.failed_attempts,
+                errors: s.errors,
+                latency_p50_ms: ms(s.latency_p50),
+                latency_p99_ms: ms(s.latency_p99),
+                latency_max_ms: ms(s.latency_max),
+                max_stall_seconds: s.max_stall.as_secs_f64(),
+                open_stall_seconds: s.open_stall.as_secs_f64(),
+                disruption_seconds: s.disruption.as_secs_f64(),
+                missed_ticks: s.missed_ticks,
+                abandoned: s.abandoned,
+                highest_acked: s.highest_acked,
             },
-            "totals": {
-                "acked": totals.acked,
-                "failed_attempts": totals.failed_attempts,
-                "errors": totals.errors,
-                "max_stall_seconds": totals.max_stall.as_secs_f64(),
-                "disruption_seconds": totals.disruption.as_secs_f64(),
+            totals: TotalFigures {
+                acked: totals.acked,
+                failed_attempts: totals.failed_attempts,
+                errors: totals.errors,
+                max_stall_seconds: totals.max_stall.as_secs_f64(),
+                disruption_seconds: totals.disruption.as_secs_f64(),
             },
-            "read_back": {
-                "runs_ok": rb.runs_ok,
-                "runs_failed": rb.runs_failed,
-                "last_error": rb.last_error,
-                "seconds_since_last": rb.last_ok.map(|t| now.saturating_sub(t).as_secs_f64()),
-                "gaps": rb.gaps.len(),
-                "lost_writes": rb.lost.len(),
-                "lost_ids": rb.lost.keys().rev().take(100).collect::<Vec<_>>(),
-                "duplicates": rb.duplicates,
+            read_back: ReadBackFigures {
+                runs_ok: rb.runs_ok,
+                runs_failed: rb.runs_failed,
+                last_error: rb.last_error,
+                seconds_since_last: rb.last_ok.map(|t| now.saturating_sub(t).as_secs_f64()),
+                gaps: rb.gaps.len() as u64,
+                lost_writes: rb.lost.len() as u64,
+                lost_ids: rb.lost.keys().rev().take(100).copied().collect(),
+                duplicates: rb.duplicates,
             },
-        })
+        }
     }
 }

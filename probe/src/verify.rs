@@ -92,7 +92,7 @@ pub async fn run(shared: Arc<ProbeShared>, stop: CancellationToken) {
         .await;
         let outcome = match result {
             Ok(r) => r,
-            Err(_) => Err("read-back timed out".to_owned()),
+            Err(_) => Err(ReadBackError::TimedOut),
         };
         let mut state = shared.read_back();
         match outcome {
@@ -104,16 +104,27 @@ pub async fn run(shared: Arc<ProbeShared>, stop: CancellationToken) {
             Err(e) => {
                 state.runs_failed += 1;
                 debug!(error = %e, "probe read-back failed");
-                state.last_error = Some(e);
+                state.last_error = Some(e.to_string());
                 metrics::counter!(m::VERIFY_RUNS_TOTAL, "result" => "error").increment(1);
             }
         }
     }
 }
 
-async fn once(shared: &ProbeShared) -> Result<(), String> {
-    let target = (shared.verify_target)().ok_or("no node to read back from right now")?;
-    let (client, conn) = target.connect(NoTls).await.map_err(|e| e.to_string())?;
+/// Why a read-back did not happen.
+#[derive(Debug, thiserror::Error)]
+enum ReadBackError {
+    #[error("no node to read back from right now")]
+    NoTarget,
+    #[error("read-back timed out")]
+    TimedOut,
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+async fn once(shared: &ProbeShared) -> Result<(), ReadBackError> {
+    let target = (shared.verify_target)().ok_or(ReadBackError::NoTarget)?;
+    let (client, conn) = target.connect(NoTls).await?;
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -129,7 +140,7 @@ async fn once(shared: &ProbeShared) -> Result<(), String> {
         )
         .await;
     driver.abort();
-    let rows = rows.map_err(|e| e.to_string())?;
+    let rows = rows?;
     let present: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     let now = shared.now();
     let ledger = shared.ledger().clone();

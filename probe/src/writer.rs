@@ -6,7 +6,7 @@
 //! tick takes the next id, leaving a gap.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -44,26 +44,31 @@ impl Drop for Connection {
     }
 }
 
-async fn connect(shared: &ProbeShared) -> Result<(Connection, i64), String> {
+/// Why the writer could not connect (and prepare its statement).
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+}
+
+async fn connect(shared: &ProbeShared) -> Result<(Connection, i64), ConnectError> {
     let cfg = &shared.config;
     let attempt = async {
-        let (client, conn) = cfg.target.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let (client, conn) = cfg.target.connect(NoTls).await?;
         let driver = tokio::spawn(async move {
             let _ = conn.await;
         });
-        client
-            .batch_execute(CREATE_TABLE)
-            .await
-            .map_err(|e| e.to_string())?;
+        client.batch_execute(CREATE_TABLE).await?;
         let last: i64 = client
             .query_one(
                 "SELECT coalesce(max(id), 0) FROM graywire_probe WHERE writer = $1",
                 &[&cfg.writer],
             )
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .get(0);
-        let insert = client.prepare(INSERT).await.map_err(|e| e.to_string())?;
+        let insert = client.prepare(INSERT).await?;
         Ok((
             Connection {
                 client,
@@ -75,7 +80,7 @@ async fn connect(shared: &ProbeShared) -> Result<(Connection, i64), String> {
     };
     match tokio::time::timeout(cfg.attempt_timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no connection within {:?}", cfg.attempt_timeout)),
+        Err(_) => Err(ConnectError::Timeout(cfg.attempt_timeout)),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The admin HTTP API (hyper, JSON): `GET /v1/nodes`, `POST /v1/nodes/{name}/drain?wait=…`,
 //! `POST /v1/nodes/{name}/undrain`, `POST /v1/pause`, `POST /v1/resume`, `/metrics`,
 //! `/healthz`, `/readyz`, and with a probe `GET /v1/gate?window=…` and `GET /v1/probe`. Errors
-//! are JSON objects with a message. With `admin.token` set, every mutating call needs
+//! are JSON objects with a message. Every JSON body is a type of the `graywire-api` crate,
+//! which also holds the client (`graywire gate`, `graywire rollout`). With `admin.token` set, every mutating call needs
 //! `Authorization: Bearer <token>` (401 otherwise). A standalone probe (`graywire probe`)
 //! serves the same API without the proxy's endpoints.
 
@@ -18,10 +19,14 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use graywire_api::{
+    DrainReply, ErrorReply, GateReply, Node, NodeList, PauseReply, ReadyReply, Remaining,
+    UndrainReply,
+};
 use graywire_probe::gate::GateQuery;
 use graywire_probe::Probe;
 use tokio_util::sync::CancellationToken;
@@ -168,7 +173,7 @@ fn probe_and_query<'a>(
     };
     GateQuery::parse(query)
         .map(|q| (probe, q))
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e)))
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e.to_string())))
 }
 
 /// `GET /v1/gate?window=30s&max_stall=1s&…`: 200 on pass, 503 on fail, 400 on a bad query.
@@ -187,15 +192,13 @@ fn gate(admin: &Admin, query: &str) -> Reply {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut body = serde_json::to_value(&verdict).unwrap_or_default();
-    body["reasons"] = json!(verdict.reasons());
-    json_reply(status, body)
+    json_reply(status, &GateReply::from(verdict))
 }
 
 /// `GET /v1/probe?window=60s`: the probe's figures.
 fn probe_status(admin: &Admin, query: &str) -> Reply {
     match probe_and_query(admin, query) {
-        Ok((probe, q)) => json_reply(StatusCode::OK, probe.status(q.window)),
+        Ok((probe, q)) => json_reply(StatusCode::OK, &probe.status(q.window)),
         Err(reply) => *reply,
     }
 }
@@ -265,17 +268,17 @@ async fn drain(ctx: &Arc<Context>, name: &str, query: &str) -> Reply {
                 .unwrap_or("removed");
             json_reply(
                 status,
-                json!({
-                    "node": name,
-                    "state": state,
-                    "drained": report.drained,
-                    "waited_seconds": report.waited.as_secs_f64(),
-                    "remaining": {
-                        "sessions": report.remaining.sessions,
-                        "backend_connections": report.remaining.backend_connections,
-                        "pinned_sessions": report.remaining.pinned,
+                &DrainReply {
+                    node: name.to_owned(),
+                    state: state.to_owned(),
+                    drained: report.drained,
+                    waited_seconds: report.waited.as_secs_f64(),
+                    remaining: Remaining {
+                        sessions: report.remaining.sessions,
+                        backend_connections: report.remaining.backend_connections,
+                        pinned_sessions: report.remaining.pinned,
                     },
-                }),
+                },
             )
         }
     }
@@ -287,7 +290,11 @@ fn undrain(ctx: &Context, name: &str) -> Reply {
         Err(NoSuchNode) => no_such_node(name),
         Ok(before) => json_reply(
             StatusCode::OK,
-            json!({"node": name, "state": "active", "was": drain::admin_str(before)}),
+            &UndrainReply {
+                node: name.to_owned(),
+                state: "active".to_owned(),
+                was: drain::admin_str(before).to_owned(),
+            },
         ),
     }
 }
@@ -296,7 +303,10 @@ fn pause(ctx: &Context, paused: bool) -> Reply {
     let before = drain::set_paused(ctx, paused);
     json_reply(
         StatusCode::OK,
-        json!({"paused": paused, "was_paused": before}),
+        &PauseReply {
+            paused,
+            was_paused: before,
+        },
     )
 }
 
@@ -311,7 +321,10 @@ fn readyz(ctx: &Context) -> Reply {
     match router::primary(&ctx.topology.load()) {
         Some(n) => json_reply(
             StatusCode::OK,
-            json!({"ready": true, "primary": n.name.as_str()}),
+            &ReadyReply {
+                ready: true,
+                primary: n.name.as_str().to_owned(),
+            },
         ),
         None => error(StatusCode::SERVICE_UNAVAILABLE, "no primary node is known"),
     }
@@ -324,92 +337,37 @@ fn nodes(ctx: &Context) -> Reply {
         .iter()
         .map(|n| {
             let load = ctx.loads.figures(n.name());
-            json!({
-                "name": n.name().as_str(),
-                "address": format!("{}:{}", n.config.host, n.config.port),
-                "role": n.role.as_str(),
-                "state": n.state_str(),
-                "admin_state": drain::admin_str(n.admin),
-                "version": n.version,
-                "started_at": n.started_at,
-                "lag_bytes": snapshot.lag_bytes(n),
-                "lag_seconds": if n.role == Role::Standby { n.wal.replay_delay } else { None },
-                "sessions": load.sessions,
-                "backend_connections": load.backend_connections,
-                "pinned_sessions": load.pinned,
-                "last_error": n.last_error,
-            })
+            Node {
+                name: n.name().as_str().to_owned(),
+                address: format!("{}:{}", n.config.host, n.config.port),
+                role: n.role.as_str().to_owned(),
+                state: n.state_str().to_owned(),
+                admin_state: drain::admin_str(n.admin).to_owned(),
+                version: n.version.clone(),
+                started_at: n.started_at,
+                lag_bytes: snapshot.lag_bytes(n),
+                lag_seconds: if n.role == Role::Standby {
+                    n.wal.replay_delay
+                } else {
+                    None
+                },
+                sessions: load.sessions,
+                backend_connections: load.backend_connections,
+                pinned_sessions: load.pinned,
+                last_error: n.last_error.clone(),
+            }
         })
         .collect();
     json_reply(
         StatusCode::OK,
-        json!({
-            "nodes": nodes,
-            "sessions": ctx.open_sessions(),
-            "paused": snapshot.paused,
-            "split_brain": snapshot.split_brain(),
-            "primary": router::primary(&snapshot).map(|n| n.name.as_str()),
-        }),
+        &NodeList {
+            nodes,
+            sessions: ctx.open_sessions() as u64,
+            paused: snapshot.paused,
+            split_brain: snapshot.split_brain(),
+            primary: router::primary(&snapshot).map(|n| n.name.as_str().to_owned()),
+        },
     )
-}
-
-/// A minimal HTTP/1.0 GET (for `graywire gate`, and the tests' Prometheus client): 1.0, so
-/// no server answers with chunked encoding. Returns (status, body).
-pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    http_call(addr, "GET", path, None, Duration::from_secs(10)).await
-}
-
-/// One HTTP/1.0 request (`GET` or a body-less `POST`) with an optional bearer token, answered
-/// within `limit`. Returns (status, body). The admin API's own client: `graywire gate` and
-/// `graywire rollout`.
-pub async fn http_call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    limit: Duration,
-) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req =
-            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok(split_http_response(&String::from_utf8_lossy(&buf)))
-    };
-    crate::timer::timeout(limit, work).await.map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {limit:?}"),
-        )
-    })?
-}
-
-/// `http://host:port` (a trailing `/` allowed) as `host:port`, or why not.
-pub fn admin_address(url: &str) -> Result<String, String> {
-    url.strip_prefix("http://")
-        .map(|a| a.trim_end_matches('/').to_owned())
-        .filter(|a| !a.is_empty() && !a.contains('/') && a.contains(':'))
-        .ok_or_else(|| format!("{url:?} is not an admin URL like http://127.0.0.1:9930"))
-}
-
-/// (status, body) of a whole HTTP response (status 0 if it has no status line).
-pub fn split_http_response(text: &str) -> (u16, String) {
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
@@ -422,8 +380,11 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     r
 }
 
-fn json_reply(status: StatusCode, v: serde_json::Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+/// `body` as JSON. It goes through [`serde_json::Value`], whose objects keep their keys in
+/// alphabetical order: the order these replies have always had.
+fn json_reply(status: StatusCode, body: &impl Serialize) -> Reply {
+    let text = serde_json::to_value(body).unwrap_or_default().to_string();
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -431,5 +392,10 @@ fn json_reply(status: StatusCode, v: serde_json::Value) -> Reply {
 }
 
 fn error(status: StatusCode, message: &str) -> Reply {
-    json_reply(status, json!({ "error": message }))
+    json_reply(
+        status,
+        &ErrorReply {
+            error: message.to_owned(),
+        },
+    )
 }

@@ -9,9 +9,12 @@
 //! - [`topology`], [`health`], [`router`]: what the nodes are and which one serves a session.
 //! - [`cancel`]: CancelRequest routing.
 //! - [`error`]: failure types and the only mapping to what clients see.
-//! - [`metrics`]: every metric name. [`admin`]: the HTTP API.
-//! - [`shutdown`]: two-deadline stop. [`localcluster`] and [`demo`]: a real cluster on this
-//!   machine for `graywire demo` and the tests.
+//! - [`metrics`]: every metric name. [`admin`]: the HTTP API (its reply types and client are
+//!   the `graywire-api` crate, `proxy/api/`).
+//! - [`shutdown`]: two-deadline stop.
+//!
+//! `graywire demo` (`src/demo/`) belongs to the binary; its local cluster is the
+//! `graywire-localcluster` crate (`proxy/localcluster/`), shared with the tests.
 
 pub mod admin;
 pub mod backend;
@@ -19,18 +22,15 @@ pub mod cancel;
 pub mod clock;
 pub mod config;
 pub mod context;
-pub mod demo;
 pub mod drain;
 pub mod error;
 pub mod health;
 pub mod listener;
 pub mod load;
-pub mod localcluster;
 pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod protocol;
-pub mod rollout;
 pub mod router;
 pub mod runtime;
 pub mod session;

@@ -11,10 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use graywire::config::Config;
-use graywire::demo::{self, DemoOptions};
-use graywire::rollout::cli::RolloutArgs;
 use graywire::runtime::Runtimes;
 use graywire::Proxy;
+use graywire_rollout::cli::RolloutArgs;
+
+use demo::DemoOptions;
+
+mod demo;
 
 /// Sessions allocate and free buffers and small strings at every connection; glibc's malloc
 /// spends much of a short session's CPU consolidating its bins (measured with `perf` under
@@ -314,7 +317,7 @@ fn gate_command(args: GateArgs) -> ExitCode {
             }
         }
     }
-    let addr = match graywire::admin::admin_address(&args.admin) {
+    let addr = match graywire_api::admin_address(&args.admin) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("graywire gate: --admin: {e}");
@@ -335,19 +338,15 @@ fn gate_command(args: GateArgs) -> ExitCode {
     runtime.block_on(async move {
         let deadline = std::time::Instant::now() + args.timeout;
         loop {
-            let last = match graywire::admin::http_get(&addr, &path).await {
+            let last = match graywire_api::http_get(&addr, &path).await {
                 Ok((200, body)) => {
                     println!("gate passed: {body}");
                     return ExitCode::SUCCESS;
                 }
                 Ok((503, body)) => {
-                    let reasons = serde_json::from_str::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["reasons"].as_array().cloned())
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|r| r.as_str().map(String::from))
-                        .collect::<Vec<_>>();
+                    let reasons = serde_json::from_str::<graywire_api::GateReply>(&body)
+                        .map(|g| g.reasons)
+                        .unwrap_or_default();
                     format!("gate failed:\n  {}", reasons.join("\n  "))
                 }
                 Ok((400, body)) => {
@@ -372,7 +371,7 @@ fn rollout_command(args: RolloutArgs) -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(r) => ExitCode::from(r.block_on(graywire::rollout::cli::run(args)).0),
+        Ok(r) => ExitCode::from(r.block_on(graywire_rollout::cli::run(args)).0),
         Err(e) => {
             eprintln!("graywire rollout: cannot start the runtime: {e}");
             ExitCode::FAILURE

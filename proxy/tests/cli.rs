@@ -96,7 +96,7 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
 }
 
 fn psql(url: &str, sql: &str) -> String {
-    let bindir = graywire::localcluster::PgBinaries::locate().unwrap();
+    let bindir = graywire_localcluster::PgBinaries::locate().unwrap();
     let out = Command::new(bindir.program("psql"))
         .args([url, "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .env("PGCONNECT_TIMEOUT", "10")
@@ -283,7 +283,7 @@ fn wait_for_nodes(admin: &str, names: &[&str]) {
 
 #[test]
 fn sighup_reloads_nodes_and_keeps_the_old_config_when_the_new_one_is_invalid() {
-    use graywire::localcluster::{ClusterSpec, LocalCluster};
+    use graywire_localcluster::{ClusterSpec, LocalCluster};
     let cluster = LocalCluster::start(ClusterSpec::new(2).unwrap()).unwrap();
     let (listen, admin) = (free_port(), free_port());
     let config = |nodes: &[usize], port_override: Option<&str>| {
@@ -397,7 +397,7 @@ fn gate_refuses_bad_flags_with_exit_2_and_reports_an_unreachable_admin_with_1() 
 
 #[test]
 fn a_standalone_probe_serves_its_gate_and_graywire_gate_waits_on_it() {
-    use graywire::localcluster::{ClusterSpec, LocalCluster, StopMode};
+    use graywire_localcluster::{ClusterSpec, LocalCluster, StopMode};
     let mut cluster = LocalCluster::start(ClusterSpec::new(1).unwrap()).unwrap();
     let listen = free_port();
     let mut child = Command::new(BIN)

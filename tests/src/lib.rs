@@ -1,4 +1,4 @@
-//! The end-to-end test fixture: a real PostgreSQL cluster ([`graywire::localcluster`]),
+//! The end-to-end test fixture: a real PostgreSQL cluster ([`graywire_localcluster`]),
 //! graywire running in-process in front of it on port 0 (on a thread of its own, with the
 //! runtimes `graywire run` builds), and a small raw-protocol client for what drivers hide
 //! (transaction status, ParameterStatus, malformed messages).
@@ -15,15 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use graywire::config::Config;
-use graywire::localcluster::{ClusterSpec, LocalCluster};
 use graywire::runtime::Runtimes;
 use graywire::Proxy;
+use graywire_localcluster::{ClusterSpec, LocalCluster};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-pub use graywire::localcluster::StopMode;
+pub use graywire_localcluster::StopMode;
 
 /// Users every harness config defines: (name, auth method, password).
 pub const USERS: &[(&str, &str, &str)] = &[
@@ -56,14 +56,14 @@ pub fn other_build(installed: &str) -> (&'static str, &'static str) {
 /// Fetches [`other_build`] from Debian's archive into `$TMPDIR/graywire-pg-cache` (once) and
 /// returns its `bin` directory and version; a failed download fails the test loudly.
 pub async fn fetch_other_build() -> (std::path::PathBuf, &'static str) {
-    let installed = graywire::localcluster::PgBinaries::locate()
+    let installed = graywire_localcluster::PgBinaries::locate()
         .expect("PostgreSQL binaries")
         .version()
         .expect("the installed version");
     let (package, want) = other_build(&installed);
     let cache = std::env::temp_dir().join("graywire-pg-cache");
     let bindir = tokio::task::spawn_blocking(move || {
-        graywire::localcluster::fetch_debian_server(package, &cache)
+        graywire_localcluster::fetch_debian_server(package, &cache)
     })
     .await
     .expect("fetch task")
@@ -379,12 +379,12 @@ pub async fn http_request_with(
         .await
         .expect("admin answers")
         .unwrap();
-    graywire::admin::split_http_response(&String::from_utf8_lossy(&buf))
+    graywire_api::split_http_response(&String::from_utf8_lossy(&buf))
 }
 
 /// Runs psql with `args` against `url`; returns (success, stdout, stderr).
 pub async fn psql(url: &str, args: &[&str]) -> (bool, String, String) {
-    let bindir = graywire::localcluster::PgBinaries::locate().expect("PostgreSQL binaries");
+    let bindir = graywire_localcluster::PgBinaries::locate().expect("PostgreSQL binaries");
     let out = tokio::process::Command::new(bindir.program("psql"))
         .arg(url)
         .args(["-X", "-v", "ON_ERROR_STOP=1", "-At"])

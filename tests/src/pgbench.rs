@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use graywire::localcluster::{LocalCluster, PgBinaries};
+use graywire_localcluster::{LocalCluster, PgBinaries};
 use tokio::task::JoinHandle;
 
 /// `pgbench -i -s 1` on node `i` directly, as the superuser.

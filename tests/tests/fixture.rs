@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use graywire::localcluster::{
+use graywire_localcluster::{
     process_alive, ClusterSpec, LocalCluster, LocalClusterError, PgBinaries, StopMode,
 };
 use tokio::task::block_in_place;

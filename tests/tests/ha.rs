@@ -109,7 +109,7 @@ async fn draining_a_standby_under_read_load_moves_every_session_without_errors()
     proxy.shutdown().await;
 }
 
-type SharedCluster = Arc<Mutex<graywire::localcluster::LocalCluster>>;
+type SharedCluster = Arc<Mutex<graywire_localcluster::LocalCluster>>;
 
 /// A 3-node cluster, graywire in front, and 16 writers inserting into `table` for a second.
 async fn writing_cluster(table: &str) -> (SharedCluster, RunningProxy, Load) {

@@ -253,7 +253,7 @@ async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
 
 /// GET on Prometheus (HTTP/1.0, so it answers without chunked encoding).
 async fn prom_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    graywire::admin::http_get(&addr.to_string(), path)
+    graywire_api::http_get(&addr.to_string(), path)
         .await
         .expect("prometheus answers")
 }

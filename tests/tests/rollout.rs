@@ -4,14 +4,14 @@
 //! the rollout stopping with the node drained when the upgrade command fails, when the node
 //! does not come back, and when the gate fails; and two graywire instances driven together.
 //!
-//! The rollout runs in-process through `graywire::rollout::cli` (exactly what the `graywire
+//! The rollout runs in-process through `graywire_rollout::cli` (exactly what the `graywire
 //! rollout` command runs) with the shell scripts of `config/rollout/` as its commands.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use graywire::localcluster::{LocalCluster, PgBinaries};
-use graywire::rollout::{cli, Report, Step};
+use graywire_localcluster::{LocalCluster, PgBinaries};
+use graywire_rollout::{cli, Report, Step};
 use graywire_tests::load::{error_counts, Load};
 use graywire_tests::{
     config_for, fetch_other_build, pgbench, start_cluster, ProxyOptions, RunningProxy,

@@ -6,14 +6,14 @@
 
 use std::time::Duration;
 
-use graywire::localcluster::StopMode;
+use graywire_localcluster::StopMode;
 use graywire_tests::{
     cluster_op, config_for, connect, fetch_other_build, start_cluster, ProxyOptions, RunningProxy,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads() {
-    let installed = graywire::localcluster::PgBinaries::locate()
+    let installed = graywire_localcluster::PgBinaries::locate()
         .unwrap()
         .version()
         .unwrap();

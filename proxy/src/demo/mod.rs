@@ -14,9 +14,9 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
-use crate::localcluster::{ClusterSpec, LocalCluster, LocalClusterError};
-use crate::Proxy;
+use graywire::config::{Config, ConfigError};
+use graywire::Proxy;
+use graywire_localcluster::{ClusterSpec, LocalCluster, LocalClusterError};
 
 /// The client user the demo creates, and its password.
 pub const DEMO_USER: &str = "app";

@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
 use super::{DemoError, DEMO_PASSWORD, DEMO_USER};
-use crate::localcluster::{fetch_debian_server, LocalCluster, PgBinaries};
-use crate::rollout::cli;
+use graywire_localcluster::{fetch_debian_server, LocalCluster, PgBinaries};
+use graywire_rollout::cli;
 
 /// The newest PostgreSQL 15 build Debian bookworm offers (bookworm-security).
 const NEWER_BUILD: (&str, &str) = ("15.20-0+deb12u1", "15.20");

@@ -8,9 +8,19 @@ use clap::Parser;
 use super::progress::Progress;
 use super::{plan, runner, CommandKind, Fleet, Report, RolloutSpec, Template};
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 30s): {e}"))
+/// A flag that wants a duration and got something else.
+#[derive(Debug, thiserror::Error)]
+#[error("{given:?} is not a duration (e.g. 500ms, 30s): {reason}")]
+pub struct BadDuration {
+    given: String,
+    reason: humantime::DurationError,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, BadDuration> {
+    humantime::parse_duration(s).map_err(|reason| BadDuration {
+        given: s.to_owned(),
+        reason,
+    })
 }
 
 /// `graywire rollout` alone, for [`parse`].
@@ -171,7 +181,7 @@ pub fn spec(args: &RolloutArgs) -> Result<RolloutSpec, Vec<String>> {
         text.and_then(|t| match Template::parse(kind, t) {
             Ok(t) => Some(t),
             Err(e) => {
-                problems.push(e);
+                problems.push(e.to_string());
                 None
             }
         })
@@ -180,7 +190,7 @@ pub fn spec(args: &RolloutArgs) -> Result<RolloutSpec, Vec<String>> {
     let switchover = template(CommandKind::Switchover, args.switchover_cmd.as_ref());
     let finalize = template(CommandKind::Finalize, args.finalize_cmd.as_ref());
     for url in &args.admins {
-        if let Err(e) = crate::admin::admin_address(url) {
+        if let Err(e) = graywire_api::admin_address(url) {
             problems.push(format!("--admin: {e}"));
         }
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::command::{self, CommandRun, Value};
-use super::fleet::{ClusterView, Fleet, NodeView};
+use super::fleet::{ClusterView, Fleet, FleetError, NodeView};
 use super::plan::{self, Action, Plan, PlanItem};
 use super::progress::Progress;
 use super::report::{Availability, NodeReport, Report, StepRecord};
@@ -97,6 +97,18 @@ pub async fn run(spec: &RolloutSpec, fleet: &Fleet, plan: &Plan, progress: &Prog
 
 type Finalized = (String, Option<CommandRun>);
 
+/// Why waiting for the cluster to reach a state gave up.
+#[derive(Debug, thiserror::Error)]
+enum WaitError {
+    #[error("no new primary within {}: {last}", humantime::format_duration(*.within))]
+    NoNewPrimary { within: Duration, last: String },
+    /// A condition failed that waiting cannot fix.
+    #[error("over the last {:.1}s: {reasons}", .window.as_secs_f64())]
+    GateFailed { window: Duration, reasons: String },
+    #[error("still failing after {}: {last}", humantime::format_duration(*.after))]
+    GateTimedOut { after: Duration, last: String },
+}
+
 impl Runner<'_> {
     async fn all(&mut self, plan: &Plan) -> Result<Finalized, (Failure, Option<CommandRun>)> {
         self.preflight_gate().await.map_err(|f| (f, None))?;
@@ -142,7 +154,7 @@ impl Runner<'_> {
         let result = self.gate_until_pass(None, began, Instant::now()).await;
         let detail = match &result {
             Ok(()) => "passed".to_owned(),
-            Err(e) => e.clone(),
+            Err(e) => e.to_string(),
         };
         self.record(None, Step::Preflight, began, result.is_ok(), detail, None);
         result.map_err(|what| Failure {
@@ -232,7 +244,7 @@ impl Runner<'_> {
         }
     }
 
-    fn fail_unreachable(&self, name: &str, step: Step, e: String) -> Failure {
+    fn fail_unreachable(&self, name: &str, step: Step, e: FleetError) -> Failure {
         Failure {
             node: Some(name.to_owned()),
             step,
@@ -268,9 +280,8 @@ impl Runner<'_> {
         let result = self.fleet.drain(name, self.spec.drain_timeout).await;
         let ok = result.is_ok();
         let detail = result
-            .clone()
-            .err()
-            .unwrap_or_else(|| "drained on every instance".into());
+            .as_ref()
+            .map_or_else(ToString::to_string, |_| "drained on every instance".into());
         self.record(Some(i), Step::Drain, began, ok, detail, None);
         result.map_err(|what| {
             self.nodes[i].outcome = "failed".into();
@@ -328,8 +339,8 @@ impl Runner<'_> {
         let run = match template.expand(&values) {
             Ok(line) => command::run(&line, &env_for(&values), self.spec.command_timeout).await,
             Err(e) => {
-                self.record(Some(i), Step::Switchover, began, false, e.clone(), None);
-                return Err(self.switchover_failed(i, &name, e).await);
+                self.record(Some(i), Step::Switchover, began, false, e.to_string(), None);
+                return Err(self.switchover_failed(i, &name, e.to_string()).await);
             }
         };
         let ok = run.succeeded();
@@ -350,7 +361,7 @@ impl Runner<'_> {
         let result = self.wait_new_primary(&name).await;
         let detail = match &result {
             Ok(p) => format!("every instance sees primary {p}"),
-            Err(e) => e.clone(),
+            Err(e) => e.to_string(),
         };
         self.record(
             Some(i),
@@ -366,7 +377,7 @@ impl Runner<'_> {
                     .event(&format!("{p} is the primary; writes flow there"));
                 Ok(())
             }
-            Err(e) => Err(self.switchover_failed(i, &name, e).await),
+            Err(e) => Err(self.switchover_failed(i, &name, e.to_string()).await),
         }
     }
 
@@ -417,7 +428,7 @@ impl Runner<'_> {
     }
 
     /// Waits until every instance sees one primary other than `old`, in rotation.
-    async fn wait_new_primary(&self, old: &str) -> Result<String, String> {
+    async fn wait_new_primary(&self, old: &str) -> Result<String, WaitError> {
         let deadline = Instant::now() + self.spec.ready_timeout;
         loop {
             let last = match self.fleet.views().await {
@@ -443,13 +454,13 @@ impl Runner<'_> {
                         ),
                     }
                 }
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "no new primary within {}: {last}",
-                    humantime::format_duration(self.spec.ready_timeout)
-                ));
+                return Err(WaitError::NoNewPrimary {
+                    within: self.spec.ready_timeout,
+                    last,
+                });
             }
             tokio::time::sleep(POLL).await;
         }
@@ -463,12 +474,12 @@ impl Runner<'_> {
         let run = match self.spec.upgrade.expand(&values) {
             Ok(line) => command::run(&line, &env_for(&values), self.spec.command_timeout).await,
             Err(e) => {
-                self.record(Some(i), Step::Upgrade, began, false, e.clone(), None);
+                self.record(Some(i), Step::Upgrade, began, false, e.to_string(), None);
                 self.nodes[i].outcome = "failed".into();
                 return Err(Failure {
                     node: Some(name.clone()),
                     step: Step::Upgrade,
-                    what: e,
+                    what: e.to_string(),
                     advice: self.drained_advice(&name),
                 });
             }
@@ -523,7 +534,7 @@ impl Runner<'_> {
                     }
                     Some(why) => why,
                 },
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
                 let what = format!(
@@ -600,7 +611,7 @@ impl Runner<'_> {
         let result = self.gate_until_pass(Some(name), step_start, ready_at).await;
         let detail = match &result {
             Ok(()) => "passed".to_owned(),
-            Err(e) => e.clone(),
+            Err(e) => e.to_string(),
         };
         self.record(Some(i), Step::Gate, began, result.is_ok(), detail, None);
         result.map_err(|what| {
@@ -625,7 +636,7 @@ impl Runner<'_> {
         node: Option<&str>,
         step_start: Instant,
         ready_at: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), WaitError> {
         let settle_until = ready_at + self.spec.settle;
         let now = Instant::now();
         if settle_until > now && node.is_some() {
@@ -638,20 +649,19 @@ impl Runner<'_> {
             let last = match self.fleet.gate(&q.to_query()).await {
                 Ok(a) if a.pass => return Ok(()),
                 Ok(a) if a.final_failure => {
-                    return Err(format!(
-                        "over the last {:.1}s: {}",
-                        q.window.as_secs_f64(),
-                        a.reasons.join("; ")
-                    ))
+                    return Err(WaitError::GateFailed {
+                        window: q.window,
+                        reasons: a.reasons.join("; "),
+                    })
                 }
                 Ok(a) => a.reasons.join("; "),
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             if Instant::now() + GATE_POLL > deadline {
-                return Err(format!(
-                    "still failing after {}: {last}",
-                    humantime::format_duration(self.spec.gate_timeout)
-                ));
+                return Err(WaitError::GateTimedOut {
+                    after: self.spec.gate_timeout,
+                    last,
+                });
             }
             tokio::time::sleep(GATE_POLL).await;
         }
@@ -661,10 +671,9 @@ impl Runner<'_> {
         let began = Instant::now();
         self.progress.step(name, "undrain");
         let result = self.fleet.undrain(name).await;
-        let detail = result
-            .clone()
-            .err()
-            .unwrap_or_else(|| "back in rotation on every instance".into());
+        let detail = result.as_ref().map_or_else(ToString::to_string, |_| {
+            "back in rotation on every instance".into()
+        });
         self.record(Some(i), Step::Undrain, began, result.is_ok(), detail, None);
         result.map_err(|what| {
             self.nodes[i].outcome = "failed".into();
@@ -708,7 +717,7 @@ impl Runner<'_> {
                     }
                 }
             }
-            Err(e) => problems.push(e),
+            Err(e) => problems.push(e.to_string()),
         }
         let mut q = self.spec.gate.clone();
         q.window = gate_window(self.started.elapsed(), self.spec.settle);
@@ -718,7 +727,7 @@ impl Runner<'_> {
                 "the gate over the whole rollout fails: {}",
                 a.reasons.join("; ")
             )),
-            Err(e) => problems.push(e),
+            Err(e) => problems.push(e.to_string()),
         }
         problems.dedup();
         let ok = problems.is_empty();
@@ -781,12 +790,12 @@ impl Runner<'_> {
         let run = match template.expand(&values) {
             Ok(line) => command::run(&line, &env_for(&values), self.spec.command_timeout).await,
             Err(e) => {
-                self.record(None, Step::Finalize, began, false, e.clone(), None);
+                self.record(None, Step::Finalize, began, false, e.to_string(), None);
                 return Err((
                     Failure {
                         node: Some(primary.name),
                         step: Step::Finalize,
-                        what: e,
+                        what: e.to_string(),
                         advice:
                             "Every node is upgraded; fix the finalize command and run it by hand."
                                 .into(),

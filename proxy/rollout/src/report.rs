@@ -4,8 +4,10 @@
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeMap;
+
+use graywire_api::ProbeStatus;
 use serde::Serialize;
-use serde_json::Value as Json;
 
 use super::command::CommandRun;
 use super::{Failure, Step};
@@ -45,23 +47,23 @@ pub struct Availability {
     pub lost_writes: u64,
     pub gaps: u64,
     /// Errors the probe's writes got, by SQLSTATE.
-    pub errors: Json,
+    pub errors: BTreeMap<String, u64>,
 }
 
 impl Availability {
     /// From `GET /v1/probe?window=…`.
-    pub fn from_probe(status: &Json) -> Availability {
-        let w = &status["window"];
-        let rb = &status["read_back"];
+    pub fn from_probe(status: &ProbeStatus) -> Availability {
+        let w = &status.window;
+        let rb = &status.read_back;
         Availability {
-            window_seconds: status["window_seconds"].as_f64().unwrap_or(0.0),
-            writes_acked: w["acked"].as_u64().unwrap_or(0),
-            failed_attempts: w["failed_attempts"].as_u64().unwrap_or(0),
-            max_stall_seconds: w["max_stall_seconds"].as_f64().unwrap_or(0.0),
-            disruption_seconds: w["disruption_seconds"].as_f64().unwrap_or(0.0),
-            lost_writes: rb["lost_writes"].as_u64().unwrap_or(0),
-            gaps: rb["gaps"].as_u64().unwrap_or(0),
-            errors: w["errors"].clone(),
+            window_seconds: status.window_seconds,
+            writes_acked: w.acked,
+            failed_attempts: w.failed_attempts,
+            max_stall_seconds: w.max_stall_seconds,
+            disruption_seconds: w.disruption_seconds,
+            lost_writes: rb.lost_writes,
+            gaps: rb.gaps,
+            errors: w.errors.clone(),
         }
     }
 }
@@ -224,12 +226,17 @@ mod tests {
                 }],
             }],
             checks: vec![],
-            availability: Some(Availability::from_probe(&serde_json::json!({
-                "window_seconds": 12.5,
-                "window": {"acked": 120, "failed_attempts": 0, "max_stall_seconds": 0.1,
-                           "disruption_seconds": 0.0, "errors": {}},
-                "read_back": {"lost_writes": 0, "gaps": 0},
-            }))),
+            availability: Some(Availability::from_probe(&ProbeStatus {
+                window_seconds: 12.5,
+                window: graywire_api::WindowFigures {
+                    acked: 120,
+                    failed_attempts: 0,
+                    max_stall_seconds: 0.1,
+                    disruption_seconds: 0.0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })),
             finalize: "not run: the rollout stopped".into(),
             finalize_command: None,
             failure: Some(Failure {

@@ -408,7 +408,7 @@ pub fn render(spec: &RolloutSpec, plan: &Plan, view: &ClusterView, urls: &[Strin
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::rollout::{CommandKind, Template};
+    use crate::{CommandKind, Template};
     use std::time::Duration;
 
     fn node(name: &str, role: &str, state: &str, version: &str, lag: u64) -> NodeView {
@@ -422,6 +422,7 @@ mod tests {
             lag_bytes: (role == "standby").then_some(lag),
             lag_seconds: None,
             sessions: 0,
+            ..Default::default()
         }
     }
 
@@ -434,6 +435,7 @@ mod tests {
             ],
             primary: Some("pg0".into()),
             split_brain: false,
+            ..Default::default()
         }
     }
 
@@ -527,6 +529,7 @@ mod tests {
             nodes: vec![node("pg0", "primary", "up", "15.18", 0)],
             primary: Some("pg0".into()),
             split_brain: false,
+            ..Default::default()
         };
         let problems = make(&spec(), &[c], true).unwrap_err().join("\n");
         assert!(problems.contains("the only node"), "{problems}");

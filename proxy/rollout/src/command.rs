@@ -61,6 +61,15 @@ impl CommandKind {
             CommandKind::Switchover => SWITCHOVER,
         }
     }
+
+    /// The placeholders as a template writes them: `{node}, {host}, …`.
+    fn placeholder_list(self) -> String {
+        self.placeholders()
+            .iter()
+            .map(|p| format!("{{{p}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// A command template: text with `{name}` placeholders (`{{` and `}}` are literal braces).
@@ -72,13 +81,42 @@ pub struct Template {
     used: Vec<String>,
 }
 
+/// Why a template's text cannot be split into text and placeholders.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyntaxError {
+    #[error("unclosed {{ at byte {0}")]
+    Unclosed(usize),
+    #[error("stray }} at byte {0} (write }}}} for a literal brace)")]
+    Stray(usize),
+}
+
+/// Why a template was refused, or could not be expanded; each names the template's flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{}: the command is empty", .kind.flag())]
+    Empty { kind: CommandKind },
+    #[error("{}: {syntax}", .kind.flag())]
+    Syntax {
+        kind: CommandKind,
+        syntax: SyntaxError,
+    },
+    #[error(
+        "{}: unknown placeholder {{{name}}} (this command may use {})",
+        .kind.flag(),
+        .kind.placeholder_list()
+    )]
+    UnknownPlaceholder { kind: CommandKind, name: String },
+    #[error("{}: no value for {{{name}}} here", .kind.flag())]
+    NoValue { kind: CommandKind, name: String },
+}
+
 enum Piece<'a> {
     Text(&'a str),
     Placeholder(&'a str),
 }
 
 /// Splits a template into text and placeholders.
-fn pieces(text: &str) -> Result<Vec<Piece<'_>>, String> {
+fn pieces(text: &str) -> Result<Vec<Piece<'_>>, SyntaxError> {
     let mut out = Vec::new();
     let mut rest = text;
     while !rest.is_empty() {
@@ -92,15 +130,11 @@ fn pieces(text: &str) -> Result<Vec<Piece<'_>>, String> {
             out.push(Piece::Text(&tail[..1]));
             rest = after;
         } else if let Some(inner) = tail.strip_prefix('{') {
-            let end = inner
-                .find('}')
-                .ok_or_else(|| format!("unclosed {{ at byte {i}"))?;
+            let end = inner.find('}').ok_or(SyntaxError::Unclosed(i))?;
             out.push(Piece::Placeholder(&inner[..end]));
             rest = &inner[end + 1..];
         } else {
-            return Err(format!(
-                "stray }} at byte {i} (write }}}} for a literal brace)"
-            ));
+            return Err(SyntaxError::Stray(i));
         }
         // Keep byte offsets meaningful only for the first problem; that is enough.
     }
@@ -109,23 +143,18 @@ fn pieces(text: &str) -> Result<Vec<Piece<'_>>, String> {
 
 impl Template {
     /// Parses `text` for `kind`; an unknown placeholder is refused with the list of known ones.
-    pub fn parse(kind: CommandKind, text: &str) -> Result<Template, String> {
-        let flag = kind.flag();
+    pub fn parse(kind: CommandKind, text: &str) -> Result<Template, TemplateError> {
         if text.trim().is_empty() {
-            return Err(format!("{flag}: the command is empty"));
+            return Err(TemplateError::Empty { kind });
         }
         let mut used: Vec<String> = Vec::new();
-        for piece in pieces(text).map_err(|e| format!("{flag}: {e}"))? {
+        for piece in pieces(text).map_err(|syntax| TemplateError::Syntax { kind, syntax })? {
             if let Piece::Placeholder(name) = piece {
                 if !kind.placeholders().contains(&name) {
-                    return Err(format!(
-                        "{flag}: unknown placeholder {{{name}}} (this command may use {})",
-                        kind.placeholders()
-                            .iter()
-                            .map(|p| format!("{{{p}}}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    return Err(TemplateError::UnknownPlaceholder {
+                        kind,
+                        name: name.to_owned(),
+                    });
                 }
                 if !used.iter().any(|u| u == name) {
                     used.push(name.to_owned());
@@ -149,9 +178,10 @@ impl Template {
 
     /// The command line with every placeholder replaced by its shell-quoted value (a list:
     /// one quoted word per item); a missing value is an error naming it.
-    pub fn expand(&self, values: &BTreeMap<&str, Value>) -> Result<String, String> {
+    pub fn expand(&self, values: &BTreeMap<&str, Value>) -> Result<String, TemplateError> {
+        let kind = self.kind;
         let mut out = String::with_capacity(self.text.len());
-        for piece in pieces(&self.text).map_err(|e| format!("{}: {e}", self.kind.flag()))? {
+        for piece in pieces(&self.text).map_err(|syntax| TemplateError::Syntax { kind, syntax })? {
             match piece {
                 Piece::Text(t) => out.push_str(t),
                 Piece::Placeholder(name) => match values.get(name) {
@@ -164,10 +194,10 @@ impl Template {
                             .join(" "),
                     ),
                     None => {
-                        return Err(format!(
-                            "{}: no value for {{{name}}} here",
-                            self.kind.flag()
-                        ))
+                        return Err(TemplateError::NoValue {
+                            kind,
+                            name: name.to_owned(),
+                        })
                     }
                 },
             }
@@ -439,7 +469,7 @@ mod tests {
             (CommandKind::Finalize, "x }", "stray }"),
         ];
         for (kind, text, want) in cases {
-            let e = Template::parse(kind, text).unwrap_err();
+            let e = Template::parse(kind, text).unwrap_err().to_string();
             assert!(e.starts_with(kind.flag()), "{e}");
             assert!(e.contains(want), "{text:?}: {e}");
         }
@@ -448,7 +478,11 @@ mod tests {
     #[test]
     fn a_missing_value_is_an_error_and_quoting_survives_hostile_values() {
         let t = Template::parse(CommandKind::Upgrade, "echo {data_dir} {version}").unwrap();
-        assert!(t.expand(&values()).unwrap_err().contains("{version}"));
+        assert!(t
+            .expand(&values())
+            .unwrap_err()
+            .to_string()
+            .contains("{version}"));
         let mut v = values();
         v.insert("version", Value::One("15'; rm -rf / #".into()));
         let line = t.expand(&v).unwrap();

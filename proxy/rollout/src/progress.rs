@@ -106,12 +106,8 @@ impl Progress {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let live = fleet.probe_status(Duration::from_secs(10)).await.map(|v| {
-                    let w = &v["window"];
-                    let secs = v["window_seconds"].as_f64().unwrap_or(10.0).max(1.0);
-                    (
-                        w["open_stall_seconds"].as_f64().unwrap_or(0.0),
-                        w["acked"].as_f64().unwrap_or(0.0) / secs,
-                    )
+                    let secs = v.window_seconds.max(1.0);
+                    (v.window.open_stall_seconds, v.window.acked as f64 / secs)
                 });
                 if me.quiet {
                     continue;

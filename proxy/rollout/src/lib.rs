@@ -22,6 +22,9 @@
 //! Modules: [`command`] (templates, running them), [`fleet`] (the instances' admin APIs),
 //! [`plan`] (preflight checks and the order; pure), [`runner`] (the steps), [`report`] (what
 //! happened, human and JSON), [`progress`] (the live display).
+//!
+//! This crate depends on `graywire-api`, not on `graywire`: it reaches graywire instances only
+//! through their admin API, and the compiler holds it to that.
 #![allow(clippy::disallowed_methods)] // `graywire rollout` runs on a runtime with tokio's timer.
 
 pub mod cli;
