@@ -55,6 +55,23 @@ where
     }
 }
 
+/// [`eventually_ok`] for a caller that reports failures as errors (with context of its own)
+/// rather than panicking: `Err` carries the message [`eventually_ok`] would panic with.
+pub async fn try_eventually<T, E, F, Fut>(
+    limit: Duration,
+    what: &str,
+    check: F,
+) -> Result<T, String>
+where
+    E: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    poll(limit, check)
+        .await
+        .map_err(|failure| failure.message(what, limit))
+}
+
 /// What [`eventually`] reports as the last state: nothing beyond "not yet".
 struct NotYet;
 
@@ -246,6 +263,25 @@ mod tests {
         })
         .await;
         assert_eq!(v, 1);
+    }
+
+    #[tokio::test]
+    async fn try_eventually_returns_the_failure_instead_of_panicking() {
+        let v = try_eventually(Duration::from_secs(5), "at once", || async {
+            Ok::<_, String>(7)
+        })
+        .await;
+        assert_eq!(v, Ok(7));
+        let started = Instant::now();
+        let e = try_eventually(Duration::from_millis(100), "the impossible", || async {
+            Err::<(), _>("still impossible")
+        })
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(e.contains("the impossible"), "{e}");
+        assert!(e.contains("100ms"), "{e}");
+        assert!(e.ends_with("last check: still impossible"), "{e}");
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ pub mod load;
 pub mod pgbench;
 pub mod raw;
 
-pub use eventually::{eventually, eventually_ok};
+pub use eventually::{eventually, eventually_ok, try_eventually};
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
