@@ -9,6 +9,57 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_graywire");
 
+/// Checks `check` every 25 ms until it returns `Ok`, and returns that value; panics naming
+/// `what`, `limit` and the last `Err` once `limit` has passed (at most `limit / 25 ms + 2`
+/// checks). The blocking twin of graywire-tests' `eventually_ok`, which this crate cannot use
+/// (graywire-tests depends on graywire). A check is not interrupted: keep each one short.
+fn eventually<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    const POLL: Duration = Duration::from_millis(25);
+    let deadline = Instant::now() + limit;
+    let max_checks = limit.as_millis() / POLL.as_millis() + 2;
+    let mut last = String::new();
+    for _ in 0..max_checks {
+        match check() {
+            Ok(value) => return value,
+            Err(e) => last = e,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        std::thread::sleep(POLL.min(deadline - now));
+    }
+    panic!("eventually: {what}: not so within {limit:?}; last check: {last}")
+}
+
+#[test]
+fn eventually_returns_the_first_ok_and_panics_after_its_limit() {
+    let mut calls = 0;
+    let v = eventually(Duration::from_secs(5), "the third call", || {
+        calls += 1;
+        if calls == 3 {
+            Ok(calls)
+        } else {
+            Err(format!("call {calls}"))
+        }
+    });
+    assert_eq!(v, 3);
+    let started = Instant::now();
+    let e = std::panic::catch_unwind(|| {
+        eventually(Duration::from_millis(200), "never", || {
+            Err::<(), _>("still no".to_owned())
+        })
+    })
+    .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    let message = e.downcast_ref::<String>().unwrap();
+    assert!(
+        message.contains("never") && message.contains("200ms"),
+        "{message}"
+    );
+    assert!(message.ends_with("last check: still no"), "{message}");
+}
+
 fn reference_config() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -157,18 +208,14 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
     let gate = gate.unwrap();
     let (host, path) = gate.split_once('/').unwrap();
     let path = format!("/{path}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), "the demo's gate passes", || {
         let body = http_get(host, &path);
         if body.contains("\"pass\":true") {
-            break;
+            Ok(())
+        } else {
+            Err(body)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the demo's gate does not pass: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     roles.sort();
     assert_eq!(
         roles,
@@ -198,17 +245,12 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "demo exits after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = eventually(Duration::from_secs(90), "demo exits after SIGTERM", || {
+        child
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "running".to_owned())
+    });
     std::mem::forget(guard);
     assert!(status.success(), "demo exit status {status:?}");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} removed");
@@ -256,8 +298,8 @@ fn free_port() -> u16 {
 
 /// Waits (bounded) until `/v1/nodes` lists exactly `names`.
 fn wait_for_nodes(admin: &str, names: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let what = format!("/v1/nodes lists {names:?}");
+    eventually(Duration::from_secs(15), &what, || {
         let body = if std::net::TcpStream::connect(admin).is_ok() {
             http_get(admin, "/v1/nodes")
         } else {
@@ -271,14 +313,11 @@ fn wait_for_nodes(admin: &str, names: &[&str]) {
             .filter_map(|n| n["name"].as_str().map(String::from))
             .collect();
         if listed == names {
-            return;
+            Ok(())
+        } else {
+            Err(format!("nodes {listed:?}: {body}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "nodes {listed:?}, expected {names:?}: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
 }
 
 #[test]
@@ -329,17 +368,18 @@ fn sighup_reloads_nodes_and_keeps_the_old_config_when_the_new_one_is_invalid() {
     // Invalid: refused with the reason, the running config stays.
     std::fs::write(&file, config(&[0], Some("70000"))).unwrap();
     hup();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("70000 is not a port")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no log line for the refused reload"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(10),
+        "a log line for the refused reload",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap();
+            if text.contains("70000 is not a port") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "graywire keeps running"
@@ -361,18 +401,13 @@ fn sighup_reloads_nodes_and_keeps_the_old_config_when_the_new_one_is_invalid() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "graywire exits cleanly: {status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "graywire did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = eventually(Duration::from_secs(20), "graywire stops on SIGTERM", || {
+        child
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "running".to_owned())
+    });
+    assert!(status.success(), "graywire exits cleanly: {status}");
 }
 
 #[test]
@@ -448,6 +483,8 @@ fn a_standalone_probe_serves_its_gate_and_graywire_gate_waits_on_it() {
     assert!(http_get(&format!("127.0.0.1:{listen}"), "/v1/nodes").contains("standalone probe"));
 
     cluster.stop(0, StopMode::Fast).unwrap();
+    // Not a synchronisation: the node stays down for a second, a stall longer than the gate's
+    // --max-stall of 500 ms.
     std::thread::sleep(Duration::from_secs(1));
     let out = gate(&[]);
     assert_eq!(out.status.code(), Some(1));

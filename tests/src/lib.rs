@@ -5,9 +5,12 @@
 //! See `tests/README.md`.
 #![allow(clippy::unwrap_used)]
 
+pub mod eventually;
 pub mod load;
 pub mod pgbench;
 pub mod raw;
+
+pub use eventually::{eventually, eventually_ok, try_eventually};
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -291,18 +294,38 @@ impl RunningProxy {
 
     /// Waits (bounded) until node `name` shows `field` = `want` in `/v1/nodes`.
     pub async fn wait_node(&self, name: &str, field: &str, want: &str, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
+        let what = format!("node {name}: {field} is {want}");
+        eventually_ok(limit, &what, || async {
             let n = self.node_info(name).await;
             if n[field] == want {
-                return;
+                Ok(())
+            } else {
+                Err(n)
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {name}: {field} is not {want} after {limit:?}: {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+    }
+
+    /// The value of one series on `/metrics` (`series` as printed before the value, e.g.
+    /// `graywire_held_requests` or `graywire_node_up{node="pg0"}`), if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Waits (bounded) until `series` on `/metrics` has the value `want`.
+    pub async fn wait_metric(&self, series: &str, want: f64, limit: Duration) {
+        let what = format!("{series} is {want} on /metrics");
+        eventually_ok(limit, &what, || async {
+            match self.metric(series).await {
+                Some(v) if v == want => Ok(()),
+                other => Err(format!("{series} = {other:?}")),
+            }
+        })
+        .await;
     }
 
     /// Stops graywire (graceful shutdown) and waits for it.

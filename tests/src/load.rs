@@ -103,6 +103,8 @@ impl Load {
                         break;
                     }
                     if failed {
+                        // Pacing, not a synchronisation: a writer whose write failed pauses
+                        // 5 ms rather than spin on a node that refuses.
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 }
@@ -138,6 +140,7 @@ impl Load {
                     if !r.record(result, client.is_closed()) {
                         break;
                     }
+                    // Pacing, not a synchronisation: one read every ~2 ms per session.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 r

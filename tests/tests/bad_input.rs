@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use graywire_tests::raw::{message, startup_packet, RawClient};
-use graywire_tests::{config_for, connect, start_cluster, ProxyOptions, RunningProxy};
+use graywire_tests::{
+    config_for, connect, eventually_ok, start_cluster, ProxyOptions, RunningProxy,
+};
 
 /// Reads until EOF and returns the FATAL ErrorResponse the session ended with.
 async fn fatal_then_eof(c: &mut RawClient) -> graywire_tests::raw::Msg {
@@ -200,7 +202,13 @@ async fn a_client_that_vanishes_mid_transaction_leaves_nothing_behind() {
         b'T'
     );
     c.send(&message(b'Q', b"SELECT pg_sleep(60)\0")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sessions_of(
+        &direct,
+        "vanisher",
+        "state = 'active' AND query = 'SELECT pg_sleep(60)'",
+        1,
+    )
+    .await;
     drop(c);
 
     let started = Instant::now();
@@ -213,26 +221,8 @@ async fn a_client_that_vanishes_mid_transaction_leaves_nothing_behind() {
         "lock freed after {:?}",
         started.elapsed()
     );
-    let mut gone = false;
-    for _ in 0..50 {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'vanisher'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n == 0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        gone,
-        "the backend connection of the vanished client is closed"
-    );
+    // The backend connection of the vanished client is closed.
+    sessions_of(&direct, "vanisher", "true", 0).await;
 
     // Same with an idle transaction (no query running): rolled back, nothing left.
     let mut c =
@@ -241,26 +231,38 @@ async fn a_client_that_vanishes_mid_transaction_leaves_nothing_behind() {
             .unwrap();
     c.query("BEGIN; INSERT INTO locked VALUES (1)").await;
     drop(c);
-    let mut rows = -1i64;
-    for _ in 0..50 {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'vanisher2'",
-                &[],
-            )
+    sessions_of(&direct, "vanisher2", "true", 0).await;
+    let rows: i64 = direct
+        .query_one("SELECT count(*) FROM locked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the open transaction was rolled back");
+    proxy.shutdown().await;
+}
+
+/// Waits (bounded) until `pg_stat_activity` shows `n` backends of `application_name` for
+/// which `filter` (SQL) holds.
+async fn sessions_of(
+    direct: &tokio_postgres::Client,
+    application_name: &str,
+    filter: &str,
+    n: i64,
+) {
+    let sql =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND ({filter})");
+    let what = format!("{n} backend(s) of {application_name} where {filter}");
+    eventually_ok(Duration::from_secs(5), &what, || async {
+        let count: i64 = direct
+            .query_one(&sql, &[&application_name])
             .await
             .unwrap()
             .get(0);
-        if n == 0 {
-            rows = direct
-                .query_one("SELECT count(*) FROM locked", &[])
-                .await
-                .unwrap()
-                .get(0);
-            break;
+        if count == n {
+            Ok(())
+        } else {
+            Err(format!("{count} backend(s)"))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(rows, 0, "the open transaction was rolled back");
-    proxy.shutdown().await;
+    })
+    .await;
 }

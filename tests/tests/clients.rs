@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use graywire_tests::{
-    config_for, connect_refused, psql, sqlstate, start_cluster, try_connect, ProxyOptions,
-    RunningProxy,
+    config_for, connect_refused, eventually_ok, psql, sqlstate, start_cluster, try_connect,
+    ProxyOptions, RunningProxy,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,14 +176,11 @@ async fn sessions_over_the_cap_get_53300_and_a_freed_slot_is_reused() {
         c.simple_query("SELECT 1").await.unwrap();
     }
     drop(held.pop());
-    let mut ok = false;
-    for _ in 0..50 {
-        if try_connect(&proxy.dsn("app")).await.is_ok() {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(ok, "a freed slot is usable again");
+    eventually_ok(
+        std::time::Duration::from_secs(5),
+        "a freed slot is usable again",
+        || async { try_connect(&proxy.dsn("app")).await.map(drop) },
+    )
+    .await;
     proxy.shutdown().await;
 }

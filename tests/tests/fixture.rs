@@ -47,17 +47,15 @@ async fn scalar(dsn: &str, sql: &str) -> anyhow::Result<Option<String>> {
 
 /// Polls `sql` on `dsn` until it returns `want`, for at most [`REPLICATION_WAIT`].
 async fn wait_for(dsn: &str, sql: &str, want: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + REPLICATION_WAIT;
-    loop {
-        let last = scalar(dsn, sql).await;
-        match &last {
-            Ok(Some(got)) if got == want => return Ok(()),
-            _ if Instant::now() >= deadline => {
-                bail!("{sql:?} on {dsn} never returned {want:?}; last: {last:?}")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+    let what = format!("{sql:?} on {dsn} returns {want:?}");
+    graywire_tests::try_eventually(REPLICATION_WAIT, &what, || async {
+        match scalar(dsn, sql).await {
+            Ok(Some(got)) if got == want => Ok(()),
+            last => Err(format!("{last:?}")),
         }
-    }
+    })
+    .await
+    .map_err(anyhow::Error::msg)
 }
 
 async fn in_recovery(cluster: &LocalCluster, i: usize) -> anyhow::Result<bool> {
@@ -364,6 +362,8 @@ where
             child.wait()?;
             bail!("{what} did not finish within {PG_CTL_LIMIT:?}");
         }
+        // Not a synchronisation by sleeping: this polls for pg_ctl's exit, bounded, in blocking
+        // code, and kills pg_ctl at the limit (`eventually` is async and would only panic).
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut text = String::new();

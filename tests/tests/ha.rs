@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use graywire_tests::load::{error_counts, Load};
 use graywire_tests::{
-    cluster_op, config_for, connect, http_request_with, planned_switchover, sqlstate,
-    start_cluster, ProxyOptions, RunningProxy, StopMode, SwitchoverTimes,
+    cluster_op, config_for, connect, eventually, eventually_ok, http_request_with,
+    planned_switchover, sqlstate, start_cluster, ProxyOptions, RunningProxy, StopMode,
+    SwitchoverTimes,
 };
 
 /// Harness options with a hold long enough to cover a promotion.
@@ -51,9 +52,7 @@ async fn draining_a_standby_under_read_load_moves_every_session_without_errors()
     let (p1, p2) = (i64::from(cluster.port(1)), i64::from(cluster.port(2)));
 
     let load = Load::readers(&dsn, 16).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = proxy.node_info("pg1").await;
-    assert!(before["sessions"].as_i64().unwrap() > 0, "{before}");
+    pg1_has_sessions(&proxy).await;
     assert_eq!(
         proxy.node_info("pg0").await["sessions"],
         0,
@@ -67,6 +66,8 @@ async fn draining_a_standby_under_read_load_moves_every_session_without_errors()
     assert_eq!(v["drained"], true, "{body}");
     assert_eq!(v["state"], "drained", "{body}");
     assert_eq!(v["remaining"]["sessions"], 0, "{body}");
+    // Not a synchronisation: for half a second the readers go on reading (on pg2, as the
+    // reports are checked below), and none of them may come back to the drained pg1.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(proxy.node_info("pg1").await["sessions"], 0);
 
@@ -109,6 +110,19 @@ async fn draining_a_standby_under_read_load_moves_every_session_without_errors()
     proxy.shutdown().await;
 }
 
+/// Waits (bounded) until read-only sessions are on the standby pg1.
+async fn pg1_has_sessions(proxy: &RunningProxy) {
+    eventually_ok(Duration::from_secs(5), "read sessions on pg1", || async {
+        let n = proxy.node_info("pg1").await;
+        if n["sessions"].as_i64().unwrap() > 0 {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    })
+    .await;
+}
+
 type SharedCluster = Arc<Mutex<graywire_localcluster::LocalCluster>>;
 
 /// A 3-node cluster, graywire in front, and 16 writers inserting into `table` for a second.
@@ -123,6 +137,8 @@ async fn writing_cluster(table: &str) -> (SharedCluster, RunningProxy, Load) {
     .await
     .unwrap();
     let load = Load::writers(&proxy.dsn("app"), table, 16).await;
+    // Not a synchronisation (the writers are connected once `writers` returns): they write
+    // for a second before the test's event.
     tokio::time::sleep(Duration::from_secs(1)).await;
     (cluster, proxy, load)
 }
@@ -136,6 +152,8 @@ async fn planned_switchover_under_write_load_loses_nothing_and_closes_nothing() 
         promote_started,
         promoted,
     } = planned_switchover(&cluster, &proxy).await;
+    // Not a synchronisation: the load runs on for 1.5 s after the switchover, in which
+    // every session must write again and none may be closed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let reports = load.finish().await;
 
@@ -242,6 +260,8 @@ async fn crash_failover_answers_in_flight_transactions_and_keeps_connections() {
     cluster_op(&cluster, move |c| c.repoint(other, new_primary))
         .await
         .unwrap();
+    // Not a synchronisation: the load runs on for 1.5 s after the failover, in which every
+    // session must write again and none may be closed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let reports = load.finish().await;
 
@@ -394,6 +414,17 @@ async fn a_session_with_a_temporary_table_is_pinned_and_the_drain_reports_it() {
     proxy.shutdown().await;
 }
 
+/// Waits (bounded) until graywire holds `n` requests (`graywire_held_requests`).
+async fn held_requests(proxy: &RunningProxy, n: u32) {
+    proxy
+        .wait_metric(
+            "graywire_held_requests",
+            f64::from(n),
+            Duration::from_secs(5),
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_transactions_and_resume_releases_them() {
     let cluster = start_cluster(1).await;
@@ -403,7 +434,7 @@ async fn pause_holds_transactions_and_resume_releases_them() {
     let (status, body) = proxy.admin_post("/v1/pause").await;
     assert_eq!(status, 200, "{body}");
     let held = spawn_select_1(&c);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    held_requests(&proxy, 1).await;
     assert!(!held.is_finished(), "a paused transaction waits");
     let (status, _) = proxy.admin_post("/v1/resume").await;
     assert_eq!(status, 200);
@@ -437,22 +468,22 @@ async fn split_brain_sends_writes_to_neither_node() {
     // Wait until the standby has the table, then make it a second primary.
     let dsn1 = cluster.lock().unwrap().dsn(1);
     let direct1 = connect(&dsn1).await;
-    for _ in 0..100 {
-        if direct1.query("SELECT 1 FROM sb", &[]).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_ok(
+        Duration::from_secs(10),
+        "the table on the standby",
+        || async { direct1.query("SELECT 1 FROM sb", &[]).await.map(|_| ()) },
+    )
+    .await;
     cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    eventually_ok(Duration::from_secs(15), "split brain seen", || async {
         let (_, body) = proxy.admin_get("/v1/nodes").await;
         if body.contains("\"split_brain\":true") {
-            break;
+            Ok(())
+        } else {
+            Err(body)
         }
-        assert!(Instant::now() < deadline, "split brain not seen: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let err = c
         .batch_execute("INSERT INTO sb VALUES (2)")
         .await
@@ -563,8 +594,7 @@ async fn a_node_removed_by_reload_stops_taking_traffic_without_dropping_sessions
     let dsn = format!("{}{READ_ONLY}", proxy.dsn("app"));
     let p1 = i64::from(cluster.port(1));
     let load = Load::readers(&dsn, 8).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(proxy.node_info("pg1").await["sessions"].as_i64().unwrap() > 0);
+    pg1_has_sessions(&proxy).await;
 
     let without_pg1 = ProxyOptions {
         node_order: Some(vec![0, 2]),
@@ -576,6 +606,8 @@ async fn a_node_removed_by_reload_stops_taking_traffic_without_dropping_sessions
     let reloaded = Instant::now();
     let (_, body) = proxy.admin_get("/v1/nodes").await;
     assert!(!body.contains("\"pg1\""), "{body}");
+    // Not a synchronisation: the readers read on for half a second after the reload, none of
+    // them from the removed node.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let reports = load.finish().await;
@@ -613,15 +645,19 @@ async fn with_the_timeline_policy_a_split_brain_writes_to_the_newest_primary() {
     let c = proxy.connect("app").await;
     c.batch_execute("CREATE TABLE tl (x int)").await.unwrap();
     cluster_op(&cluster, |c| c.promote(1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, body) = proxy.admin_get("/v1/nodes").await;
-        if body.contains("\"split_brain\":true") && body.contains("\"primary\":\"pg1\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pg1 did not win: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_ok(
+        Duration::from_secs(15),
+        "pg1 wins the split brain",
+        || async {
+            let (_, body) = proxy.admin_get("/v1/nodes").await;
+            if body.contains("\"split_brain\":true") && body.contains("\"primary\":\"pg1\"") {
+                Ok(())
+            } else {
+                Err(body)
+            }
+        },
+    )
+    .await;
     c.batch_execute("INSERT INTO tl VALUES (1)").await.unwrap();
     let port: i32 = c
         .query_one("SELECT current_setting('port')::int", &[])
@@ -694,7 +730,7 @@ async fn a_cancel_request_ends_a_held_request_with_57014() {
     let token = c.cancel_token();
     proxy.admin_post("/v1/pause").await;
     let held = spawn_select_1(&c);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    held_requests(&proxy, 1).await;
     assert!(!held.is_finished(), "held while paused");
     let started = Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
@@ -738,7 +774,7 @@ async fn shutdown_ends_holds(mode: &str) {
     let held_request = spawn_select_1(&c);
     let dsn = proxy.dsn("app");
     let held_connection = tokio::spawn(async move { graywire_tests::connect_refused(&dsn).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    held_requests(&proxy, 2).await;
     assert!(
         !held_request.is_finished(),
         "the request is held while paused"
@@ -758,16 +794,12 @@ async fn shutdown_ends_holds(mode: &str) {
         .unwrap()
         .unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
-    for _ in 0..20 {
-        if c.is_closed() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        c.is_closed(),
-        "the session is closed, as an idle one would be"
-    );
+    eventually(
+        Duration::from_secs(2),
+        "the session is closed, as an idle one would be",
+        || async { c.is_closed().then_some(()) },
+    )
+    .await;
     let err = tokio::time::timeout(Duration::from_secs(2), held_connection)
         .await
         .expect("the held connection ends with the shutdown")

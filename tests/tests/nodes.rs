@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use graywire_tests::raw::RawClient;
-use graywire_tests::{config_for, start_cluster, ProxyOptions, RunningProxy};
+use graywire_tests::{config_for, eventually, start_cluster, ProxyOptions, RunningProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_primary_is_found_when_it_is_not_first_in_the_config() {
@@ -58,7 +58,9 @@ async fn admin_endpoints_answer_and_metrics_are_exported() {
     // A request graywire must time at 0.3 s or more (it sees the query before the node does,
     // and the reply after).
     c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
-    // A session publishes its request durations at least once a second while it runs.
+    // A session publishes its request durations at least once a second while it runs. Not a
+    // synchronisation: the next request comes more than a second later, and it is what makes
+    // the open session publish (there is nothing to poll before it is sent).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     c.simple_query("SELECT 2").await.unwrap();
 
@@ -165,12 +167,15 @@ async fn shutdown_lets_open_transactions_finish_then_ends_sessions_with_57p01() 
     let m = idle.read().await.expect("a FATAL for the idle session");
     assert_eq!(m.tag, b'E');
     assert_eq!(m.sqlstate(), "57P01");
-    // New connections are refused: the listener is closed.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener closed"
-    );
+    // New connections are refused: the listener is closed (well within the 3 s grace the busy
+    // session needs below).
+    eventually(Duration::from_secs(2), "listener closed", || async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
     // The session inside a transaction may finish it, then it is closed.
     let r = busy.query("INSERT INTO s VALUES (2); COMMIT").await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);

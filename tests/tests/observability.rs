@@ -6,9 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use graywire_tests::{cluster_op, config_for, start_cluster, ProxyOptions, RunningProxy, StopMode};
+use graywire_tests::{
+    cluster_op, config_for, eventually, eventually_ok, start_cluster, ProxyOptions, RunningProxy,
+    StopMode,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -62,24 +65,28 @@ async fn exercise(proxy: &RunningProxy) {
             c.simple_query("SELECT 1").await.map(|_| ())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A request is held (this one, or the probe's: the pause holds its writes too).
+    eventually(Duration::from_secs(5), "a held request", || async {
+        (proxy.metric("graywire_held_requests").await >= Some(1.0)).then_some(())
+    })
+    .await;
     proxy.admin_post("/v1/resume").await;
     held.await.unwrap().unwrap();
     let (status, body) = proxy.admin_post("/v1/nodes/pg1/drain?wait=10s").await;
     assert_eq!(status, 200, "{body}");
     proxy.admin_post("/v1/nodes/pg1/undrain").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_ok(Duration::from_secs(20), "the probe running", || async {
         let (_, body) = proxy.admin_get("/v1/probe").await;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         if v["read_back"]["runs_ok"].as_u64() >= Some(2)
             && v["window"]["acked"].as_u64() >= Some(10)
         {
-            break;
+            Ok(())
+        } else {
+            Err(body)
         }
-        assert!(Instant::now() < deadline, "probe not running: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     proxy.admin_get("/v1/gate?window=10s").await;
 }
 
@@ -105,6 +112,13 @@ async fn the_metric_catalog_matches_what_graywire_exports_both_ways() {
         );
     }
     proxy.shutdown().await;
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 fn tool(name: &str) -> PathBuf {
@@ -239,16 +253,13 @@ async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
         addr,
         _dir: dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            && prom_get(addr, "/-/ready").await.0 == 200
-        {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "prometheus did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), "prometheus ready", || async {
+        (tokio::net::TcpStream::connect(addr).await.is_ok()
+            && prom_get(addr, "/-/ready").await.0 == 200)
+            .then_some(())
+    })
+    .await;
+    p
 }
 
 /// GET on Prometheus (HTTP/1.0, so it answers without chunked encoding).
@@ -281,13 +292,6 @@ async fn a_real_prometheus_evaluates_every_dashboard_expression_and_the_rules() 
     proxy
         .wait_node("pg2", "state", "down", Duration::from_secs(5))
         .await;
-    // Enough scrapes for rate() over the window and for the stop to be seen.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    proxy.admin_get("/v1/gate?window=10s").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let (ok, n, body) = query(&prom, "up{job=\"graywire\"}").await;
-    assert!(ok && n == 1, "graywire is scraped: {body}");
     let core = [
         "Gate verdict (last served)",
         "Acknowledged writes per second",
@@ -297,6 +301,54 @@ async fn a_real_prometheus_evaluates_every_dashboard_expression_and_the_rules() 
         "Time since last acknowledged write",
     ];
     let exprs = dashboard_expressions();
+    // Enough scrapes for rate() over the window and for the stop to be seen: the core panels
+    // have data, pg2 shows down and NodeDown is pending for it.
+    eventually_ok(
+        Duration::from_secs(30),
+        "Prometheus sees the load and the stopped node",
+        || async {
+            for (title, expr) in &exprs {
+                if core.contains(&title.as_str()) && query(&prom, expr).await.1 == 0 {
+                    return Err(format!("core panel {title:?} has no data yet"));
+                }
+            }
+            for expr in [
+                "graywire_node_up{node=\"pg2\"} == 0",
+                "ALERTS{alertname=\"GraywireNodeDown\", node=\"pg2\"}",
+            ] {
+                if query(&prom, expr).await.1 != 1 {
+                    return Err(format!("{expr}: no result yet"));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    // A gate verdict served after the stop, and scraped.
+    proxy.admin_get("/v1/gate?window=10s").await;
+    let served = unix_now();
+    eventually_ok(
+        Duration::from_secs(10),
+        "a scrape after the gate was served",
+        || async {
+            let (_, _, body) = query(&prom, "timestamp(up{job=\"graywire\"})").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let scraped = v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|t| t.parse::<f64>().ok());
+            if scraped > Some(served) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "last scrape at {scraped:?}, the gate served at {served}"
+                ))
+            }
+        },
+    )
+    .await;
+
+    let (ok, n, body) = query(&prom, "up{job=\"graywire\"}").await;
+    assert!(ok && n == 1, "graywire is scraped: {body}");
     assert!(exprs.len() >= 30, "{}", exprs.len());
     for (title, expr) in &exprs {
         let (ok, n, body) = query(&prom, expr).await;

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graywire_tests::{
-    config_for, pgbench, planned_switchover, start_cluster, ProxyOptions, RunningProxy,
+    config_for, eventually_ok, pgbench, planned_switchover, start_cluster, ProxyOptions,
+    RunningProxy,
 };
 
 /// The PID of the backend that serves `c`'s next statement.
@@ -124,29 +125,34 @@ async fn a_session_that_leaves_mid_transaction_never_returns_its_connection() {
         // Dropped inside the transaction.
     }
     let c = proxy.connect("app").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        // The dropped session's transaction is gone with its connection, not parked in the
-        // pool.
-        let idle_in_tx: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM held", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if n == 0 && idle_in_tx == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The dropped session's transaction is gone with its connection, not parked in the pool.
+    eventually_ok(
+        Duration::from_secs(5),
+        "the dropped transaction rolled back, no connection idle in transaction",
+        || async {
+            let idle_in_tx: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM held", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 && idle_in_tx == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{n} row(s) in held, {idle_in_tx} idle in transaction"
+                ))
+            }
+        },
+    )
+    .await;
     proxy.shutdown().await;
 }
 
@@ -166,6 +172,7 @@ async fn pgbench_through_a_switchover(extra_args: &[&str]) {
     let mut args = vec!["-T", "8", "-c", "8"];
     args.extend_from_slice(extra_args);
     let bench = pgbench::start(proxy.addr.port(), &args);
+    // Not a synchronisation: pgbench runs for 2 s before the switchover (and 6 s in all).
     tokio::time::sleep(Duration::from_secs(2)).await;
     planned_switchover(&cluster, &proxy).await;
     let (processed, failed, stdout) = pgbench::finish(bench, Duration::from_secs(60)).await;
@@ -228,19 +235,20 @@ async fn session_mode_reuses_a_left_connection_with_nothing_of_its_last_session(
         backend_pid(&a).await
     };
     // The client left cleanly at a boundary: its backend connection waits for the next session.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let b = loop {
+    // Until its reset is done a new session gets another connection. Those stay open: one given
+    // back would be the newest idle connection, the one every later attempt is handed.
+    let others = Mutex::new(Vec::new());
+    let b = eventually_ok(Duration::from_secs(5), "the connection reused", || async {
         let b = proxy.connect("app").await;
         let pid = backend_pid(&b).await;
         if pid == first_pid {
-            break b;
+            return Ok(b);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection was not reused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        others.lock().unwrap().push(b);
+        Err(format!("backend {pid}, not {first_pid}"))
+    })
+    .await;
+    drop(others);
     let row = b
         .query_one(
             "SELECT current_setting('work_mem'), current_setting('application_name'), \
@@ -283,23 +291,19 @@ async fn the_next_session_on_a_left_connection_is_greeted_with_fresh_parameters(
 
     // A's connection is back once its reset is done; until then a new session gets another
     // one. Those stay open, so that a later attempt cannot be handed one of them again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut others = Vec::new();
-    let mut b = loop {
+    let others = Mutex::new(Vec::new());
+    let mut b = eventually_ok(Duration::from_secs(5), "the connection reused", || async {
         let mut b = RawClient::connect_trust(proxy.addr, "trusted", &[])
             .await
             .unwrap();
         let pid = b.query("SELECT pg_backend_pid()").await.rows[0][0].clone();
         if pid.as_deref() == Some(first_pid.as_str()) {
-            break b;
+            return Ok(b);
         }
-        others.push(b);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection was not reused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        others.lock().unwrap().push(b);
+        Err(format!("backend {pid:?}, not {first_pid}"))
+    })
+    .await;
     drop(others);
     assert_eq!(b.parameters.get("application_name").unwrap(), "");
     assert_eq!(b.parameters.get("DateStyle").unwrap(), &fresh_datestyle);
@@ -349,19 +353,19 @@ async fn session_mode_keeps_a_bursts_connections_and_trims_the_surplus_after() {
         "{} client connections opened {opened} backend connections",
         CLIENTS * CONNECTIONS_EACH
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = proxy.node_info("pg0").await;
-        let open = n["backend_connections"].as_i64().unwrap();
-        if open <= 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the surplus beyond pool.size stayed open: {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually_ok(
+        Duration::from_secs(10),
+        "the surplus beyond pool.size closed",
+        || async {
+            let n = proxy.node_info("pg0").await;
+            if n["backend_connections"].as_i64().unwrap() <= 1 {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        },
+    )
+    .await;
     match Arc::try_unwrap(proxy) {
         Ok(proxy) => proxy.shutdown().await,
         Err(_) => panic!("the proxy is still shared"),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use graywire_probe::gate::GateQuery;
 use graywire_probe::{Mode, Probe, ProbeConfig};
 use graywire_tests::{
-    cluster_op, config_for, connect, planned_switchover, start_cluster, ProxyOptions, RunningProxy,
-    StopMode,
+    cluster_op, config_for, connect, eventually, eventually_ok, planned_switchover, start_cluster,
+    ProxyOptions, RunningProxy, StopMode,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -27,11 +27,11 @@ fn direct_probe(dsn: &str, mode: Mode, stop: &CancellationToken) -> Probe {
 
 /// Waits (bounded) until `f` holds.
 async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(limit, what, || {
+        let holds = f();
+        async move { holds.then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,6 +49,7 @@ async fn a_three_second_outage_is_measured_within_300ms_and_gates_only_its_windo
     cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
         .await
         .unwrap();
+    // Not a synchronisation: the outage the test measures lasts 3 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster_op(&cluster, |c| c.start_node(0)).await.unwrap();
     let outage = down_from.elapsed();
@@ -57,7 +58,13 @@ async fn a_three_second_outage_is_measured_within_300ms_and_gates_only_its_windo
         probe.window(Duration::from_millis(500)).acked >= 3
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let runs = probe.read_back().runs_ok;
+    until(
+        "read-backs after the outage",
+        Duration::from_secs(10),
+        || probe.read_back().runs_ok >= runs + 2,
+    )
+    .await;
 
     let whole = probe.window(Duration::from_secs(30));
     let measured = whole.max_stall;
@@ -81,19 +88,16 @@ async fn a_three_second_outage_is_measured_within_300ms_and_gates_only_its_windo
     );
     // Once the window has moved past the outage, the gate passes again.
     let q = GateQuery::parse("window=1s&max_stall=1s&max_gaps=0").unwrap();
-    let deadline = back + Duration::from_secs(10);
-    loop {
+    let limit = (back + Duration::from_secs(10)).saturating_duration_since(Instant::now());
+    eventually_ok(limit, "the gate passing again", || async {
         let v = probe.gate(&q, None);
         if v.pass {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{:?}", v.reasons()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "gate still failing: {:?}",
-            v.reasons()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     stop.cancel();
 }
 
@@ -110,6 +114,7 @@ async fn skip_mode_leaves_one_gap_per_failed_tick() {
     cluster_op(&cluster, |c| c.stop(0, StopMode::Fast))
         .await
         .unwrap();
+    // Not a synchronisation: the outage lasts 2 s (about 20 ticks fail).
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster_op(&cluster, |c| c.start_node(0)).await.unwrap();
     until("acks after the outage", Duration::from_secs(10), || {
@@ -174,18 +179,15 @@ async fn until_status(
     limit: Duration,
     f: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + limit;
-    loop {
+    eventually_ok(limit, what, || async {
         let s = probe_status(proxy).await;
         if f(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,8 +231,17 @@ async fn the_probe_is_not_blind_to_writes_lost_in_a_failover_to_a_lagging_standb
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let s = probe_status(&proxy).await;
+    // Read-backs that started after the probe resumed: every lost id is settled in them.
+    let runs = probe_status(&proxy).await["read_back"]["runs_ok"]
+        .as_u64()
+        .unwrap();
+    let s = until_status(
+        &proxy,
+        "read-backs after the failover",
+        Duration::from_secs(10),
+        |s| s["read_back"]["runs_ok"].as_u64() >= Some(runs + 2),
+    )
+    .await;
     let reported = s["read_back"]["lost_writes"].as_u64().unwrap();
 
     // Independently: in retry mode every id up to the highest acknowledged one was

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use graywire_tests::raw::RawClient;
-use graywire_tests::{sqlstate, start_cluster, RunningProxy};
+use graywire_tests::{eventually, sqlstate, start_cluster, RunningProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simple_and_extended_queries_and_reused_prepared_statements() {
@@ -228,13 +228,31 @@ async fn cancel_reaches_the_backend_and_stops_the_query() {
     let cluster = start_cluster(1).await;
     let proxy = RunningProxy::in_front_of(&cluster).await;
     let c = proxy.connect("app").await;
+    let direct = graywire_tests::connect(&cluster.dsn(0)).await;
     let token = c.cancel_token();
     let started = Instant::now();
     let running = tokio::spawn(async move {
         let r = c.simple_query("SELECT pg_sleep(30)").await;
         (r, c)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The cancel is for a query the node is running.
+    eventually(
+        Duration::from_secs(2),
+        "pg_sleep(30) running on the node",
+        || async {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let (r, c) = tokio::time::timeout(Duration::from_secs(5), running)
         .await

@@ -14,7 +14,8 @@ use graywire_localcluster::{LocalCluster, PgBinaries};
 use graywire_rollout::{cli, Report, Step};
 use graywire_tests::load::{error_counts, Load};
 use graywire_tests::{
-    config_for, fetch_other_build, pgbench, start_cluster, ProxyOptions, RunningProxy,
+    config_for, eventually_ok, fetch_other_build, pgbench, start_cluster, ProxyOptions,
+    RunningProxy,
 };
 
 fn script(name: &str) -> String {
@@ -101,15 +102,17 @@ async fn rollout(flags: Vec<String>) -> (u8, Option<Report>) {
 /// Waits until the probe has acknowledged writes and read them back, so the preflight gate
 /// can pass.
 async fn probe_warm(proxy: &RunningProxy) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, _) = proxy.admin_get("/v1/gate?window=2s").await;
-        if status == 200 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the probe never passed its gate");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually_ok(
+        Duration::from_secs(30),
+        "the probe passes its gate",
+        || async {
+            match proxy.admin_get("/v1/gate?window=2s").await {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!("{status} {body}")),
+            }
+        },
+    )
+    .await;
 }
 
 fn unix_now() -> f64 {
@@ -151,6 +154,7 @@ async fn a_rollout_upgrades_every_node_under_load_without_losing_a_write() {
         4,
     )
     .await;
+    // Not a synchronisation: the load runs for 2 s before the rollout starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut flags = upgrade_flags(&cluster, &[&proxy], &bindir, want);

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use graywire_localcluster::StopMode;
 use graywire_tests::{
-    cluster_op, config_for, connect, fetch_other_build, start_cluster, ProxyOptions, RunningProxy,
+    cluster_op, config_for, connect, eventually_ok, fetch_other_build, start_cluster, ProxyOptions,
+    RunningProxy,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,19 +33,17 @@ async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads()
         .await
         .unwrap();
     // graywire sees the node come back, as a standby, on the new version.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = format!("pg1 back on {want}");
+    let n = eventually_ok(Duration::from_secs(20), &what, || async {
         let n = proxy.node_info("pg1").await;
         if n["state"] == "drained" && n["version"].as_str().is_some_and(|v| v.starts_with(want)) {
-            assert_eq!(n["role"], "standby", "{n}");
-            break;
+            Ok(n)
+        } else {
+            Err(n)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pg1 not back on {want}: {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(n["role"], "standby", "{n}");
     let (status, _) = proxy.admin_post("/v1/nodes/pg1/undrain").await;
     assert_eq!(status, 200);
 
@@ -59,8 +58,7 @@ async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads()
         proxy.dsn("app")
     ))
     .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_ok(Duration::from_secs(10), "the write replicated", || async {
         let row = reader
             .query_one(
                 "SELECT current_setting('server_version'), \
@@ -70,19 +68,17 @@ async fn a_standby_restarted_on_another_minor_version_rejoins_and_serves_reads()
             .await
             .unwrap();
         let version: String = row.get(0);
+        // Every read, not only the last, is on pg1.
         assert!(
             version.starts_with(want),
             "the read-only session runs on pg1: {version}"
         );
-        if row.get::<_, i64>(1) == 1 {
-            break;
+        match row.get::<_, i64>(1) {
+            1 => Ok(()),
+            n => Err(format!("{n} table(s) named upgraded on pg1")),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the write did not replicate"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     println!("pg1 moved from {installed} to {want} and serves reads through graywire");
     proxy.shutdown().await;
 }
