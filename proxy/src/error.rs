@@ -12,12 +12,22 @@ use crate::protocol::startup::StartupError;
 use crate::protocol::SqlState;
 use crate::topology::NodeName;
 
-/// Which side of graywire a failure came from.
+/// Which side of graywire a failure came from (logged with every session that ends badly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Client,
     Node,
     Graywire,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Node => "node",
+            Side::Graywire => "graywire",
+        }
+    }
 }
 
 /// Opening a backend connection failed.

@@ -1,42 +1,33 @@
-//! graywire: a high-availability proxy for the PostgreSQL wire protocol.
+//! graywire: a high-availability proxy for the PostgreSQL wire protocol. [`Proxy`] is the
+//! injectable entry (`run(listener, admin, shutdown)`, `reload(config)`).
 //!
-//! Codemap (see `docs/ARCHITECTURE.md` for how a connection flows through it):
-//! - [`config`]: the TOML file, validated whole before use.
-//! - [`listener`]: accept loop, one task per client.
-//! - [`session`]: the client state machine (startup, auth, relay, close) — start here.
-//! - [`backend`]: opening and authenticating backend connections to nodes.
-//! - [`protocol`]: framing, startup packets, messages graywire writes, SCRAM, SQLSTATEs.
-//! - [`topology`], [`health`], [`router`]: what the nodes are and which one serves a session.
-//! - [`cancel`]: CancelRequest routing.
-//! - [`error`]: failure types and the only mapping to what clients see.
-//! - [`metrics`]: every metric name. [`admin`]: the HTTP API (its reply types and client are
-//!   the `graywire-api` crate, `proxy/api/`).
-//! - [`shutdown`]: two-deadline stop.
-//!
-//! `graywire demo` (`src/demo/`) belongs to the binary; its local cluster is the
-//! `graywire-localcluster` crate (`proxy/localcluster/`), shared with the tests.
+//! The map of the modules and how one connection flows through them is
+//! `docs/ARCHITECTURE.md` (the one codemap); start with `session/` for the state machine. Only
+//! what the binary and the tests use is public: the config, the runtimes, the admin server, the
+//! metrics exporter and the timers; everything else is `pub(crate)`, so the dead-code lint sees
+//! what nothing uses.
 
 pub mod admin;
-pub mod backend;
-pub mod cancel;
-pub mod clock;
+pub(crate) mod backend;
+pub(crate) mod cancel;
+pub(crate) mod clock;
 pub mod config;
-pub mod context;
-pub mod drain;
-pub mod error;
-pub mod health;
-pub mod listener;
-pub mod load;
+pub(crate) mod context;
+pub(crate) mod drain;
+pub(crate) mod error;
+pub(crate) mod health;
+pub(crate) mod listener;
+pub(crate) mod load;
 pub mod metrics;
-pub mod pool;
-pub mod probe;
-pub mod protocol;
-pub mod router;
+pub(crate) mod pool;
+pub(crate) mod probe;
+pub(crate) mod protocol;
+pub(crate) mod router;
 pub mod runtime;
-pub mod session;
-pub mod shutdown;
+pub(crate) mod session;
+pub(crate) mod shutdown;
 pub mod timer;
-pub mod topology;
+pub(crate) mod topology;
 
 use std::sync::Arc;
 use std::time::Duration;

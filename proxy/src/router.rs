@@ -191,20 +191,20 @@ pub async fn wait_for_node(
     .await
 }
 
-/// Holds until a primary is known (used where only a primary will do).
-pub async fn wait_for_primary(
-    topology: &Topology,
-    hold_timeout: Duration,
-    stop: &CancellationToken,
-) -> Result<NodeConfig, SessionError> {
-    let deadline = std::time::Instant::now() + hold_timeout;
-    hold(topology, deadline, stop, |snap| primary(snap).cloned()).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::topology::{NodeName, Observation, Role};
+
+    /// Holds until a primary is known: [`hold`] with the simplest choice.
+    async fn wait_for_primary(
+        topology: &Topology,
+        hold_timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Result<NodeConfig, SessionError> {
+        let deadline = std::time::Instant::now() + hold_timeout;
+        hold(topology, deadline, stop, |snap| primary(snap).cloned()).await
+    }
 
     fn nodes(n: usize) -> Vec<NodeConfig> {
         (0..n)

@@ -14,10 +14,9 @@ pub struct SqlClass([u8; 2]);
 
 /// The text of every code graywire names below, so that [`SqlState::label`] needs no
 /// allocation for them.
-const NAMED: [&str; 22] = [
-    "00000", "08000", "08001", "08006", "08P01", "0A000", "25P02", "25P03", "28000", "28P01",
-    "40001", "40003", "40P01", "53300", "54000", "57014", "57P01", "57P02", "57P03", "57P04",
-    "57P05", "XX000",
+const NAMED: [&str; 18] = [
+    "08006", "08P01", "0A000", "25P02", "25P03", "28000", "28P01", "40001", "40003", "40P01",
+    "53300", "57014", "57P01", "57P02", "57P03", "57P04", "57P05", "XX000",
 ];
 
 impl SqlState {
@@ -61,12 +60,6 @@ impl SqlState {
         }
     }
 
-    /// 00000: no error.
-    pub const SUCCESSFUL_COMPLETION: SqlState = SqlState::named("00000");
-    /// 08000: a connection problem without a more precise code.
-    pub const CONNECTION_EXCEPTION: SqlState = SqlState::named("08000");
-    /// 08001: a connection could not be established.
-    pub const SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION: SqlState = SqlState::named("08001");
     /// 08006: the connection to the node failed.
     pub const CONNECTION_FAILURE: SqlState = SqlState::named("08006");
     /// 08P01: the client broke the protocol.
@@ -97,8 +90,6 @@ impl SqlState {
     pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: SqlState = SqlState::named("25P03");
     /// 40P01: deadlock detected (also a recovery conflict's FATAL on a standby).
     pub const DEADLOCK_DETECTED: SqlState = SqlState::named("40P01");
-    /// 54000: a limit was exceeded.
-    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState::named("54000");
     /// 57P04: the session's database was dropped.
     pub const DATABASE_DROPPED: SqlState = SqlState::named("57P04");
     /// 57P05: the node ended a session idle for too long (`idle_session_timeout`).
@@ -154,9 +145,6 @@ mod tests {
     #[test]
     fn named_codes_label_without_allocating_and_match_their_text() {
         let named = [
-            SqlState::SUCCESSFUL_COMPLETION,
-            SqlState::CONNECTION_EXCEPTION,
-            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             SqlState::CONNECTION_FAILURE,
             SqlState::PROTOCOL_VIOLATION,
             SqlState::FEATURE_NOT_SUPPORTED,
@@ -173,7 +161,6 @@ mod tests {
             SqlState::INTERNAL_ERROR,
             SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             SqlState::DEADLOCK_DETECTED,
-            SqlState::PROGRAM_LIMIT_EXCEEDED,
             SqlState::DATABASE_DROPPED,
             SqlState::IDLE_SESSION_TIMEOUT,
         ];

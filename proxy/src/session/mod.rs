@@ -92,7 +92,8 @@ pub(crate) async fn serve(ctx: Arc<Context>, mut client: TcpStream, peer: Socket
                 if e.is_routine() {
                     debug!(error = %e, "session ended");
                 } else {
-                    warn!(error = %e, sqlstate = e.sqlstate().map(|s| s.label()).as_deref(), "session ended");
+                    let side = e.side().as_str();
+                    warn!(error = %e, side, sqlstate = e.sqlstate().map(|s| s.label()).as_deref(), "session ended");
                 }
             });
             let reply = e.fatal_response();
