@@ -213,9 +213,36 @@ impl Probe {
         let now = self.shared.now();
         let stats = self.shared.ledger().window(now, query.window);
         let read_back = self.read_back_in(now, query.window);
-        let verdict = gate::evaluate(query, &stats, &read_back, nodes);
-        ::metrics::gauge!(metrics::GATE_PASS).set(if verdict.pass { 1.0 } else { 0.0 });
-        verdict
+        gate::evaluate(query, &stats, &read_back, nodes)
+    }
+
+    /// Evaluates the gate against `bounds` every second (the first time at once) until
+    /// `stop`, and publishes the verdict as [`metrics::GATE_PASS`], so the gauge and the alert
+    /// on it hold a verdict from the first scrape whether or not anybody asks `/v1/gate`.
+    /// `nodes` gives the node figures when the probe runs inside graywire. Runs on the
+    /// current tokio runtime (it uses tokio's timer).
+    pub fn watch_gate(
+        &self,
+        bounds: GateQuery,
+        nodes: impl Fn() -> Option<Vec<NodeFigure>> + Send + 'static,
+        stop: CancellationToken,
+    ) {
+        let probe = self.clone();
+        let publish = move || {
+            let verdict = probe.gate(&bounds, nodes().as_deref());
+            ::metrics::gauge!(metrics::GATE_PASS).set(if verdict.pass { 1.0 } else { 0.0 });
+        };
+        publish();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => publish(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
     }
 
     /// A summary: configuration, figures over `window`, totals, read-back (the body of

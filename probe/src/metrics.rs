@@ -27,8 +27,8 @@ pub const DISRUPTION_SECONDS: &str = "graywire_probe_disruption_seconds";
 pub const MISSED_TICKS_TOTAL: &str = "graywire_probe_missed_ticks_total";
 /// Read-backs by result (`result`: ok, error).
 pub const VERIFY_RUNS_TOTAL: &str = "graywire_probe_verify_runs_total";
-/// The last gate verdict served: 1 pass, 0 fail. Absent until a verdict is served, so an
-/// alert on it stays quiet where nothing polls the gate.
+/// The gate's verdict against the probe's configured bounds, evaluated every second from the
+/// probe's start: 1 pass, 0 fail. `/v1/gate` queries with other bounds do not change it.
 pub const GATE_PASS: &str = "graywire_probe_gate_pass";
 
 /// Every probe metric with its Prometheus type, for tests and docs.
@@ -85,7 +85,10 @@ pub fn describe() {
         "Probe ticks that passed while a write was still running"
     );
     describe_counter!(VERIFY_RUNS_TOTAL, "Probe read-backs by result");
-    describe_gauge!(GATE_PASS, "1 when the last gate verdict passed");
+    describe_gauge!(
+        GATE_PASS,
+        "1 while the gate passes against the configured bounds (evaluated every second)"
+    );
     for result in ["ok", "retry_committed", "error"] {
         metrics::counter!(WRITES_TOTAL, "result" => result).absolute(0);
     }
@@ -102,5 +105,9 @@ pub fn describe() {
         DISRUPTION_SECONDS,
     ] {
         metrics::gauge!(g).increment(0.0);
+    }
+    // Histograms with no sample yet: their buckets are exported at zero.
+    for h in [WRITE_LATENCY_SECONDS, STALL_SECONDS] {
+        let _registered = metrics::histogram!(h);
     }
 }

@@ -106,6 +106,11 @@ struct ProbeArgs {
     /// How often ids are read back.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     verify_interval: std::time::Duration,
+    /// The bounds graywire_probe_gate_pass is evaluated against every second (the syntax of
+    /// /v1/gate's query).
+    #[arg(long, default_value = graywire::config::DEFAULT_GATE,
+          value_parser = |s: &str| graywire_probe::gate::GateQuery::parse(s).map_err(|e| e.to_string()))]
+    gate: graywire_probe::gate::GateQuery,
 }
 
 #[derive(clap::Args)]
@@ -288,6 +293,7 @@ async fn probe_standalone(args: ProbeArgs, stop: CancellationToken) -> anyhow::R
     let metrics = graywire::metrics::install();
     let probe =
         graywire_probe::Probe::start(config, Arc::new(move || Some(verify.clone())), stop.clone());
+    probe.watch_gate(args.gate, || None, stop.clone());
     info!(listen = %args.listen, writer = %probe.config().writer, "probe running");
     let admin = Arc::new(graywire::admin::Admin {
         ctx: None,

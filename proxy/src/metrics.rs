@@ -222,6 +222,12 @@ pub fn register_zeroes() {
     ] {
         metrics::counter!(PINNED_TOTAL, "state" => state).absolute(0);
     }
+    for code in SqlState::SENT_BY_GRAYWIRE {
+        metrics::counter!(CLIENT_ERRORS_TOTAL, "sqlstate" => code.label(), "source" => "graywire")
+            .absolute(0);
+    }
+    // A histogram with no sample yet: its buckets are exported at zero.
+    let _registered = metrics::histogram!(DRAIN_DURATION_SECONDS);
     for cause in TERMINATION_CAUSES {
         metrics::counter!(BACKEND_TERMINATIONS_TOTAL, "cause" => cause).absolute(0);
     }

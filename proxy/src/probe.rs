@@ -52,11 +52,18 @@ pub fn start(ctx: &Arc<Context>, settings: &ProbeSettings, listener: SocketAddr)
     config.attempt_timeout = settings.attempt_timeout;
     config.verify_interval = settings.verify_interval;
     config.horizon = settings.horizon;
-    Probe::start(
+    let probe = Probe::start(
         config,
         verify_target(ctx.clone(), settings.database.clone()),
         ctx.shutdown.hard.clone(),
-    )
+    );
+    let figures_of = ctx.clone();
+    probe.watch_gate(
+        settings.gate.clone(),
+        move || Some(node_figures(&figures_of)),
+        ctx.shutdown.hard.clone(),
+    );
+    probe
 }
 
 /// The one node that is up and claims primary (drained or not: reading back is harmless),

@@ -430,3 +430,64 @@ fn every_metric_the_dashboard_and_the_alerts_use_is_in_the_catalog() {
     assert!(!in_catalog(&catalog, "graywire_probe_lost_write"));
     assert!(!in_catalog(&catalog, "graywire_sessions_bucket"));
 }
+
+/// The series names a PromQL expression or alert rule line uses, as exported (a histogram's
+/// `_bucket`, `_sum` and `_count` included).
+fn used_names() -> Vec<String> {
+    let mut names: Vec<String> = dashboard_expressions()
+        .into_iter()
+        .flat_map(|(_, expr)| metric_names(&expr))
+        .collect();
+    let rules = std::fs::read_to_string(repo().join("config/prometheus/alerts.yml")).unwrap();
+    for line in rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:") || l.starts_with("          "))
+    {
+        names.extend(metric_names(line));
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_graywire_exports_every_series_its_dashboard_and_alerts_use() {
+    let cluster = start_cluster(2).await;
+    let mut opts = with_probe();
+    // Bounds no probe can meet (a p99 write latency of a microsecond).
+    let failing = "window=30s&max_p99=1us";
+    opts.extra.push_str(&format!("gate = \"{failing}\"\n"));
+    let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
+    // Before any client, drain or gate request.
+    let (_, page) = proxy.admin_get("/metrics").await;
+    let present: std::collections::BTreeSet<&str> = page
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let names = used_names();
+    assert!(names.len() > 20, "{names:?}");
+    for name in &names {
+        assert!(
+            present.contains(name.as_str()),
+            "{name} (used by the dashboard or an alert) is not exported before any traffic"
+        );
+    }
+    // The gate gauge holds the verdict for the configured bounds, as /v1/gate gives it.
+    let (status, _) = proxy.admin_get(&format!("/v1/gate?{failing}")).await;
+    assert_eq!(proxy.metric("graywire_probe_gate_pass").await, Some(0.0));
+    assert_eq!(status, 503, "no write takes a microsecond");
+    proxy.shutdown().await;
+
+    // Bounds it meets once it has written a little: the gauge follows on its own.
+    let mut opts = with_probe();
+    opts.extra.push_str("gate = \"window=2s\"\n");
+    let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the gate gauge passing",
+        || async { (proxy.metric("graywire_probe_gate_pass").await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    proxy.shutdown().await;
+}

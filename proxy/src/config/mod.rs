@@ -167,7 +167,13 @@ pub struct ProbeSettings {
     pub attempt_timeout: Duration,
     pub verify_interval: Duration,
     pub horizon: Duration,
+    /// The bounds the gate is evaluated against every second for `graywire_probe_gate_pass`
+    /// (the `/v1/gate` query syntax).
+    pub gate: graywire_probe::gate::GateQuery,
 }
+
+/// The gate bounds of `[probe] gate` when it is not set.
+pub const DEFAULT_GATE: &str = "window=30s&max_stall=1s&max_gaps=0";
 
 /// What happens to sessions still on a draining node at `drain.timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -97,6 +97,7 @@ pub(super) struct RawProbe {
     pub(super) attempt_timeout: Option<String>,
     pub(super) verify_interval: Option<String>,
     pub(super) horizon: Option<String>,
+    pub(super) gate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use graywire_probe::gate::GateQuery;
+
 use super::raw::*;
 use super::*;
 
@@ -360,6 +362,16 @@ fn validate_probe(p: &mut Problems, raw: RawProbe, users: &[RawUser]) -> ProbeSe
             raw.horizon.as_deref(),
             Duration::from_secs(3600),
         ),
+        gate: match GateQuery::parse(raw.gate.as_deref().unwrap_or(DEFAULT_GATE)) {
+            Ok(q) => q,
+            Err(e) => {
+                p.add(
+                    "probe.gate",
+                    format!("{e}; write it as /v1/gate's query, e.g. {DEFAULT_GATE:?}"),
+                );
+                GateQuery::default()
+            }
+        },
     }
 }
 

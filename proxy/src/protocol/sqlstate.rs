@@ -20,6 +20,23 @@ const NAMED: [&str; 18] = [
 ];
 
 impl SqlState {
+    /// The codes graywire itself answers with (`docs/contract.md`, "SQLSTATEs graywire
+    /// sends"): their error counters exist from the start.
+    pub const SENT_BY_GRAYWIRE: [SqlState; 12] = [
+        SqlState::CONNECTION_FAILURE,
+        SqlState::PROTOCOL_VIOLATION,
+        SqlState::FEATURE_NOT_SUPPORTED,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        SqlState::INVALID_PASSWORD,
+        SqlState::TOO_MANY_CONNECTIONS,
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::SERIALIZATION_FAILURE,
+        SqlState::STATEMENT_COMPLETION_UNKNOWN,
+        SqlState::QUERY_CANCELED,
+        SqlState::IN_FAILED_SQL_TRANSACTION,
+    ];
+
     /// A named code; `code` must be five ASCII characters (checked at compile time for the
     /// constants below).
     const fn named(code: &'static str) -> SqlState {
