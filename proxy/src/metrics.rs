@@ -226,8 +226,10 @@ pub fn register_zeroes() {
         metrics::counter!(CLIENT_ERRORS_TOTAL, "sqlstate" => code.label(), "source" => "graywire")
             .absolute(0);
     }
-    // A histogram with no sample yet: its buckets are exported at zero.
-    let _registered = metrics::histogram!(DRAIN_DURATION_SECONDS);
+    // Histograms with no sample yet: their buckets are exported at zero.
+    for h in [HOLD_DURATION_SECONDS, DRAIN_DURATION_SECONDS] {
+        let _registered = metrics::histogram!(h);
+    }
     for cause in TERMINATION_CAUSES {
         metrics::counter!(BACKEND_TERMINATIONS_TOTAL, "cause" => cause).absolute(0);
     }
