@@ -57,6 +57,22 @@ struct State {
     open: usize,
 }
 
+/// One session waiting for a pool's connection, counted for as long as it exists.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One pool.
 pub struct Pool {
     key: PoolKey,
@@ -134,11 +150,11 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 // Every connection is held: ask the holders for one at their next boundary.
-                self.waiting.fetch_add(1, Ordering::AcqRel);
+                // Counted while this future waits, dropped (a cancelled hold) or not.
+                let _waiting = Waiting::new(&self.waiting);
                 self.wanted.notify_waiters();
                 let got =
                     crate::timer::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
                 got.ok()?.ok()?
             }
         };

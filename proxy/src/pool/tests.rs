@@ -726,3 +726,32 @@ fn janitor_view(node: &NodeConfig, state: Node) -> Snapshot {
         prefer_highest_timeline: false,
     }
 }
+
+/// A session whose wait for a pooled connection is abandoned (the client's CancelRequest
+/// while the request is held: `HoldCancel::cancellable` drops the `checkout` future) leaves
+/// `waiting` incremented for good: the pool stays "wanted" and every holder gives its
+/// connection back at every boundary from then on.
+#[tokio::test]
+async fn an_abandoned_wait_does_not_leave_the_pool_wanted() {
+    let (node, _terminated) = fake_node().await;
+    let pools = Pools::default();
+    let key = PoolKey {
+        node: node.name.clone(),
+        user: "graywire".into(),
+        params: Arc::from(&b""[..]),
+        transaction_mode: true,
+    };
+    let pool = pools.pool(&key, 1);
+    let far = std::time::Instant::now() + Duration::from_secs(60);
+    let _held = pool.checkout(1, far).await.expect("room");
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.checkout(2, far).await.is_some() })
+    };
+    tokio::task::yield_now().await;
+    assert!(pool.is_wanted(), "the waiter is counted");
+    // The client cancels its held request: the wait is dropped.
+    waiter.abort();
+    let _ = waiter.await;
+    assert!(!pool.is_wanted(), "nobody waits any more");
+}
