@@ -35,6 +35,9 @@ pub enum Handling {
     Stream,
     /// Collect it whole and show it to the callback before forwarding.
     Inspect,
+    /// Too little of the body has arrived to classify the message: leave it, header
+    /// included, for the next scan (which classifies it again).
+    Wait,
 }
 
 /// What the callback decides about an inspected message.
@@ -124,6 +127,7 @@ impl Framer {
                     }
                     pos += total;
                 }
+                Handling::Wait => break,
             }
         }
         Ok(Scanned {

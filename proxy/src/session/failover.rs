@@ -64,16 +64,24 @@ pub fn answer_in_flight(t: &Tracker, node: &NodeName, reason: &str) -> FailoverA
         )
     };
     let requests = t.unanswered + u32::from(t.open_extended);
-    if f.rollback && !f.commit && !f.extended && in_transaction {
-        for _ in 0..t.unanswered {
+    let rollback_last = t.rollback_after.filter(|_| !t.more_after_rollback);
+    if let Some(before) = rollback_last.filter(|_| !f.commit && !f.extended && in_transaction) {
+        // The requests before the first ROLLBACK ran inside the dead transaction; the
+        // ROLLBACKs happened (the transaction is gone either way).
+        let before = before.min(t.unanswered);
+        for _ in 0..before {
+            error.write_response(&mut bytes);
+            message::ready_for_query(&mut bytes, TxStatus::Failed);
+        }
+        for _ in before..t.unanswered {
             message::command_complete(&mut bytes, "ROLLBACK");
             message::ready_for_query(&mut bytes, TxStatus::Idle);
         }
         return FailoverAnswer {
             bytes,
             status: TxStatus::Idle,
-            requests: 0,
-            sqlstate: None,
+            requests: before,
+            sqlstate: (before > 0).then(|| error.sqlstate()),
         };
     }
     for _ in 0..t.unanswered {

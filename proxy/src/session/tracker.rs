@@ -23,6 +23,10 @@ use crate::protocol::SqlState;
 /// slow down its own lookups.
 pub type Statements = HashMap<String, Statement, rustc_hash::FxBuildHasher>;
 
+/// How much of a Query's text must have arrived before it is classified (all of it when it
+/// is shorter): its first words, after any leading comments and blanks.
+const QUERY_PEEK: usize = 1024;
+
 /// Relayed bytes are published to the shared counters per this many (and at least every
 /// [`m::PUBLISH_PERIOD`] while requests complete).
 const BYTES_BATCH: u64 = 64 * 1024;
@@ -80,6 +84,11 @@ pub struct Tracker {
     /// Extended-protocol messages were forwarded after the last Sync.
     pub open_extended: bool,
     pub in_flight: InFlight,
+    /// How many requests in flight came before the first simple-protocol ROLLBACK among
+    /// them (when a backend dies, those ran inside the transaction, which the ROLLBACK ended).
+    pub rollback_after: Option<u32>,
+    /// A request other than ROLLBACK followed that ROLLBACK.
+    pub more_after_rollback: bool,
     /// The node is in a COPY started by the current request.
     pub in_copy: bool,
     /// A statement that may change a session setting ran; capture settings at the boundary.
@@ -136,6 +145,8 @@ impl Tracker {
             unanswered: 0,
             open_extended: false,
             in_flight: InFlight::default(),
+            rollback_after: None,
+            more_after_rollback: false,
             in_copy: false,
             settings_dirty: false,
             maybe_pinned: false,
@@ -201,11 +212,27 @@ impl Tracker {
         self.backend.at_message_start()
     }
 
+    /// Where a request stands relative to the first ROLLBACK in flight (called before it is
+    /// counted as a request).
+    fn note_rollback_order(&mut self, is_rollback: bool) {
+        match self.rollback_after {
+            None if is_rollback => self.rollback_after = Some(self.unanswered),
+            Some(_) if !is_rollback => self.more_after_rollback = true,
+            _ => {}
+        }
+    }
+
+    fn forget_rollback(&mut self) {
+        self.rollback_after = None;
+        self.more_after_rollback = false;
+    }
+
     /// Forgets what the dead backend connection was doing, after graywire answered for it.
     pub fn reset_backend_side(&mut self) {
         self.backend = Framer::default();
         self.unanswered = 0;
         self.open_extended = false;
+        self.forget_rollback();
         self.in_flight = InFlight::default();
         self.in_copy = false;
         self.node_fatal = None;
@@ -226,11 +253,10 @@ impl Tracker {
             Command::SessionSetting => self.settings_dirty = true,
             Command::Commit => self.in_flight.commit = true,
             Command::Rollback => self.in_flight.rollback = true,
-            Command::Discard => {
-                self.statements.clear();
-                // DISCARD ALL also resets settings.
-                self.settings_dirty = true;
-            }
+            // DISCARD ALL, DEALLOCATE [ALL] name: settings and statements may be gone, or only
+            // one statement, or none (DISCARD PLANS/TEMP/SEQUENCES): the capture at the
+            // boundary reads which statements still exist rather than guessing from the text.
+            Command::Discard => self.settings_dirty = true,
             Command::SessionState => self.maybe_pinned = true,
             Command::Other => {}
         }
@@ -285,7 +311,14 @@ impl Tracker {
                 Ok(match tag {
                     b'X' | b'P' | b'C' => Handling::Inspect,
                     b'Q' => {
-                        this.note_command(leading_command(body));
+                        // Classify from the first words: wait until they are here (a COMMIT
+                        // cut after its header would otherwise count as another statement).
+                        if body.len() < (len - 4).min(QUERY_PEEK) {
+                            return Ok(Handling::Wait);
+                        }
+                        let command = leading_command(body);
+                        this.note_command(command);
+                        this.note_rollback_order(command == Command::Rollback);
                         if this.watch_pins && mentions_session_advisory_lock(body) {
                             this.maybe_pinned = true;
                         }
@@ -294,10 +327,12 @@ impl Tracker {
                     }
                     b'S' => {
                         this.open_extended = false;
+                        this.note_rollback_order(false);
                         this.request();
                         Handling::Stream
                     }
                     b'F' => {
+                        this.note_rollback_order(false);
                         this.request();
                         Handling::Stream
                     }
@@ -402,6 +437,7 @@ impl Tracker {
         self.unanswered = self.unanswered.saturating_sub(1);
         if self.unanswered == 0 {
             self.in_flight = InFlight::default();
+            self.forget_rollback();
             if let Some(started) = self.request_started.take() {
                 let now = Stamp::now();
                 self.durations

@@ -418,3 +418,75 @@ fn requests_in_flight_are_answered_by_what_could_have_happened() {
         assert_eq!(a.requests, c.requests, "{}: requests", c.name);
     }
 }
+
+/// A COMMIT whose Query message reaches graywire in two reads (header first, text after) is
+/// still a COMMIT: if the node dies, the client is told 40003 (outcome unknown), never 40001
+/// ("rolled back, safe to retry"), which could make it apply the transaction twice.
+#[test]
+fn a_commit_split_across_reads_is_still_a_commit() {
+    let q = query("COMMIT");
+    let mut missed = Vec::new();
+    for cut in 1..q.len() {
+        let mut t = Tracker::new(
+            Parameters::default(),
+            TxStatus::InTransaction,
+            1 << 20,
+            false,
+            &SessionMetrics::new(),
+        );
+        let first = t.scan_frontend(&q[..cut]).expect("first read");
+        t.scan_frontend(&q[first.forward..]).expect("second read");
+        let a = answer_in_flight(&t, &NodeName::new("pg1"), "eof");
+        let code = a.sqlstate.map(|s| s.to_string()).unwrap_or_default();
+        if code != "40003" {
+            missed.push((cut, code));
+        }
+    }
+    assert_eq!(missed, vec![], "(cut after byte, SQLSTATE answered)");
+}
+
+/// A statement pipelined before a ROLLBACK inside a transaction gets 40001 (and `E`); the
+/// ROLLBACK completes.
+#[test]
+fn a_statement_before_a_pipelined_rollback_is_not_answered_rollback() {
+    let t = tracker(
+        TxStatus::InTransaction,
+        &[query("SELECT 1"), query("ROLLBACK")],
+        &[],
+    );
+    let a = answer_in_flight(&t, &NodeName::new("pg1"), "eof");
+    assert_eq!(
+        decode(&a.bytes),
+        vec![err("40001"), Ready(b'E'), rollback(), Ready(b'I')]
+    );
+    assert_eq!(a.status, TxStatus::Idle);
+    assert_eq!(a.requests, 1);
+}
+
+/// `DEALLOCATE s1` (or `DISCARD TEMP`, `DISCARD PLANS`, `DISCARD SEQUENCES`) does not make the
+/// tracker forget s2: the statements that survive are read from the backend at the boundary.
+#[test]
+fn dropping_one_statement_keeps_the_others() {
+    let parse_named = |name: &str| {
+        let mut b = BytesMut::new();
+        frontend::parse(name, "SELECT 1", std::iter::empty(), &mut b).expect("parse");
+        b.to_vec()
+    };
+    for sql in [
+        "DEALLOCATE s1",
+        "DISCARD TEMP",
+        "DISCARD PLANS",
+        "DISCARD SEQUENCES",
+    ] {
+        let t = tracker(
+            TxStatus::Idle,
+            &[parse_named("s1"), parse_named("s2"), sync(), query(sql)],
+            &[],
+        );
+        assert!(t.statements.contains_key("s2"), "{sql} forgot s2");
+        assert!(
+            t.settings_dirty,
+            "{sql}: the boundary captures what is left"
+        );
+    }
+}

@@ -775,7 +775,7 @@ fn the_tracker_learns_from_the_messages_passing_through() {
             },
         ),
         case(
-            "DISCARD ALL forgets the statements and dirties the settings",
+            "DISCARD ALL dirties the settings; the capture at the boundary reads which statements are left",
             Idle,
             vec![
                 Client(cat(&[fe::parse("s1", "SELECT 1"), fe::sync()])),
@@ -785,6 +785,7 @@ fn the_tracker_learns_from_the_messages_passing_through() {
             ],
             State {
                 settings_dirty: true,
+                statements: names(&["s1"]),
                 ..idle()
             },
         ),
@@ -1035,6 +1036,7 @@ fn scans_forward_what_is_whole_and_stop_where_they_must() {
     let parse = fe::parse("s1", "SELECT 1");
     let rfq = be::ready(b'I');
     let fatal = be::error("FATAL", "57P01");
+    let long_query = fe::query(&format!("SELECT '{}'", "x".repeat(4000)));
     let cases: Vec<(&str, Step, Scan)> = vec![
         (
             "whole client messages are forwarded",
@@ -1047,9 +1049,14 @@ fn scans_forward_what_is_whole_and_stop_where_they_must() {
             Scan::Forward(0, None),
         ),
         (
-            "a streamed message is forwarded as it comes",
+            "a query waits for its first words before it is classified",
             Client(q[..7].to_vec()),
-            Scan::Forward(7, None),
+            Scan::Forward(0, None),
+        ),
+        (
+            "a long query is forwarded as it comes once its first KiB is here",
+            Client(long_query[..1100].to_vec()),
+            Scan::Forward(1100, None),
         ),
         (
             "an inspected message (Parse) waits until whole",
