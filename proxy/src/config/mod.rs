@@ -11,6 +11,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 mod raw;
+mod users;
 mod validate;
 
 pub use raw::RawConfig;
