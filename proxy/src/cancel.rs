@@ -4,7 +4,7 @@
 //! pid of the session's first backend (as `pg_backend_pid()` reports it there); its secret is
 //! graywire's own, so a key is found by pid and secret together.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -70,40 +70,36 @@ struct HoldSignal {
 }
 
 /// All live sessions' keys.
+#[derive(Default)]
 pub struct CancelRegistry {
     sessions: DashMap<u64, Entry>,
-    next_pid: AtomicU32,
-}
-
-impl Default for CancelRegistry {
-    fn default() -> Self {
-        CancelRegistry {
-            sessions: DashMap::new(),
-            // Start somewhere random so keys differ between graywire restarts.
-            next_pid: AtomicU32::new(rand::random::<u32>() | 1),
-        }
-    }
 }
 
 /// A session's registration; dropping it forgets the key.
 pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
-    key: CancelKey,
+    /// Registered once the session knows its first backend's pid ([`CancelHandle::adopt_pid`]);
+    /// before that the client has no key to cancel with.
+    key: Option<CancelKey>,
     shared: Arc<Shared>,
 }
 
 impl CancelHandle {
-    /// The key graywire gave the client.
-    pub fn key(&self) -> CancelKey {
+    /// The key graywire gave the client, once it has one.
+    pub fn key(&self) -> Option<CancelKey> {
         self.key
     }
 
-    /// Makes the key's pid `pid` (the session's first backend's) with a fresh secret, before
-    /// the client is told the key.
-    pub fn adopt_pid(&mut self, pid: u32) {
+    /// Registers the session under `pid` (its first backend's) and a fresh secret: the key the
+    /// client is told.
+    pub fn adopt_pid(&mut self, pid: u32) -> CancelKey {
         let registry = &self.registry;
-        registry.sessions.remove(&key_id(self.key));
-        self.key = registry.insert(pid, &self.shared);
+        if let Some(old) = self.key.take() {
+            registry.sessions.remove(&key_id(old));
+        }
+        let key = registry.insert(pid, &self.shared);
+        self.key = Some(key);
+        key
     }
 
     /// Points cancels at the session's current backend (or at nothing).
@@ -150,20 +146,21 @@ impl HoldCancel {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry.sessions.remove(&key_id(self.key));
+        if let Some(key) = self.key {
+            self.registry.sessions.remove(&key_id(key));
+        }
     }
 }
 
 impl CancelRegistry {
-    /// Allocates a key no live session holds, with a pid of graywire's own until the session
-    /// adopts its first backend's ([`CancelHandle::adopt_pid`]).
+    /// A session's handle, not yet registered: the session registers it with its first
+    /// backend's pid ([`CancelHandle::adopt_pid`]) before greeting the client, so a session
+    /// costs one registry insert.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let shared = Arc::new(Shared::default());
-        let pid = (self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff).max(1);
         CancelHandle {
             registry: self.clone(),
-            key: self.insert(pid, &shared),
-            shared,
+            key: None,
+            shared: Arc::new(Shared::default()),
         }
     }
 
@@ -246,15 +243,11 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let mut a = reg.register();
         let mut b = reg.register();
-        a.adopt_pid(4242);
-        b.adopt_pid(4242);
-        assert_eq!((a.key().pid, b.key().pid), (4242, 4242));
-        assert_ne!(a.key(), b.key());
-        assert_eq!(
-            reg.len(),
-            2,
-            "adopting a pid replaces the key, it adds none"
-        );
+        assert_eq!(a.adopt_pid(7).pid, 7);
+        let (ka, kb) = (a.adopt_pid(4242), b.adopt_pid(4242));
+        assert_eq!((ka.pid, kb.pid), (4242, 4242));
+        assert_ne!(ka, kb);
+        assert_eq!(reg.len(), 2, "adopting a pid again replaces the key");
         let target = |port| CancelTarget {
             host: Arc::from("127.0.0.1"),
             port,
@@ -262,26 +255,29 @@ mod tests {
         };
         a.set_target(Some(target(1)));
         b.set_target(Some(target(2)));
-        assert_eq!(reg.lookup(a.key()).ok().flatten().map(|t| t.port), Some(1));
-        assert_eq!(reg.lookup(b.key()).ok().flatten().map(|t| t.port), Some(2));
+        assert_eq!(reg.lookup(ka).ok().flatten().map(|t| t.port), Some(1));
+        assert_eq!(reg.lookup(kb).ok().flatten().map(|t| t.port), Some(2));
         let wrong = CancelKey {
             pid: 4242,
-            secret: a.key().secret ^ 1,
+            secret: ka.secret ^ 1,
         };
-        if wrong != b.key() {
+        if wrong != kb {
             assert_eq!(reg.lookup(wrong).err(), Some(CancelOutcome::UnknownKey));
         }
         drop(a);
         assert_eq!(reg.len(), 1);
-        assert!(reg.lookup(b.key()).is_ok());
+        assert!(reg.lookup(kb).is_ok());
     }
 
     #[test]
     fn keys_are_unique_and_forgotten_on_drop() {
         let reg = Arc::new(CancelRegistry::default());
-        let a = reg.register();
-        let b = reg.register();
-        assert_ne!(a.key().pid, b.key().pid);
+        let mut a = reg.register();
+        let mut b = reg.register();
+        assert_eq!(reg.len(), 0, "nothing is registered before the greeting");
+        a.adopt_pid(1);
+        b.adopt_pid(2);
+        assert_ne!(a.key(), b.key());
         assert_eq!(reg.len(), 2);
         drop(a);
         assert_eq!(reg.len(), 1);
@@ -290,19 +286,20 @@ mod tests {
     #[tokio::test]
     async fn wrong_secret_and_idle_sessions_are_not_forwarded() {
         let reg = Arc::new(CancelRegistry::default());
-        let h = reg.register();
-        let mut wrong = h.key();
+        let mut h = reg.register();
+        let key = h.adopt_pid(42);
+        let mut wrong = key;
         wrong.secret = wrong.secret.wrapping_add(1);
         let t = Duration::from_millis(100);
         assert_eq!(reg.forward(wrong, t).await, CancelOutcome::UnknownKey);
-        assert_eq!(reg.forward(h.key(), t).await, CancelOutcome::Idle);
+        assert_eq!(reg.forward(key, t).await, CancelOutcome::Idle);
     }
 
     #[tokio::test]
     async fn a_cancel_ends_a_held_request() {
         let reg = Arc::new(CancelRegistry::default());
-        let h = reg.register();
-        let key = h.key();
+        let mut h = reg.register();
+        let key = h.adopt_pid(42);
         let reg2 = reg.clone();
         let canceller = tokio::spawn(async move {
             // Retry until the hold is registered (bounded).
@@ -335,7 +332,8 @@ mod tests {
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let reg = Arc::new(CancelRegistry::default());
-        let h = reg.register();
+        let mut h = reg.register();
+        let key = h.adopt_pid(42);
         h.set_target(Some(CancelTarget {
             host: "127.0.0.1".into(),
             port,
@@ -349,7 +347,7 @@ mod tests {
             buf
         });
         assert_eq!(
-            reg.forward(h.key(), Duration::from_secs(2)).await,
+            reg.forward(key, Duration::from_secs(2)).await,
             CancelOutcome::Forwarded
         );
         let got = server.await.expect("join");

@@ -35,6 +35,22 @@ pub(super) struct Attached {
     pub(super) recheck_at: Option<std::time::Instant>,
 }
 
+impl Attached {
+    /// Ends the session's binding to the node; the connection, its count and its pool slot
+    /// are the caller's to close or give back.
+    pub(super) fn unbind(self) -> (BackendConn, ConnectionGuard, Option<PoolSlot>) {
+        let Attached {
+            conn,
+            guard,
+            binding,
+            slot,
+            recheck_at: _,
+        } = self;
+        drop(binding);
+        (conn, guard, slot)
+    }
+}
+
 /// A backend connection obtained for the session, not yet set up for it.
 struct Leased {
     conn: BackendConn,
@@ -82,10 +98,9 @@ impl Session<'_> {
         // The session's copy is the live one from now on; `release` hands it back.
         self.tracker.parameters = std::mem::take(&mut conn.conn.parameters);
         // The client is told its first backend's pid, as on a direct connection.
-        self.cancel.adopt_pid(conn.conn.key.pid);
+        let key = self.cancel.adopt_pid(conn.conn.key.pid);
         self.tracker.pid_rewrite = None;
         self.state = State::Attached(conn);
-        let key = self.cancel.key();
         message::backend_key_data(&mut greeting, key.pid, key.secret);
         message::ready_for_query(&mut greeting, TxStatus::Idle);
         self.client
@@ -262,9 +277,13 @@ impl Session<'_> {
         self.cancel.set_target(Some(conn.cancel_target()));
         self.who.node = Some(conn.node.clone());
         self.tracker.reset_backend_side();
-        let advertised = self.cancel.key().pid;
-        self.tracker.pid_rewrite =
-            (conn.key.pid != advertised).then_some((conn.key.pid, advertised));
+        // Before the greeting the session has no key yet (and `start` adopts this pid).
+        self.tracker.pid_rewrite = self
+            .cancel
+            .key()
+            .map(|k| k.pid)
+            .filter(|advertised| *advertised != conn.key.pid)
+            .map(|advertised| (conn.key.pid, advertised));
         self.pipes.down.buf = std::mem::take(&mut conn.leftover);
         self.pipes.down.ready = 0;
         let binding = self.ctx.loads.bind(&conn.node);
@@ -314,14 +333,7 @@ impl Session<'_> {
             self.cancel_running("a closed session").await;
         }
         self.cancel.set_target(None);
-        let Attached {
-            conn,
-            guard,
-            binding,
-            slot,
-            recheck_at: _,
-        } = a;
-        drop(binding);
+        let (conn, guard, slot) = a.unbind();
         backend::terminate(conn.stream).await;
         drop(guard);
         // A connection ended this way is never pooled again.

@@ -18,7 +18,6 @@ use crate::protocol::message::{self, TxStatus};
 use crate::router;
 use crate::topology::{AdminState, Health, NodeName, Snapshot};
 
-use super::attach::Attached;
 use super::failover::During;
 use super::local::Answer;
 use super::migrate::{self, Captured};
@@ -212,14 +211,7 @@ impl Session<'_> {
             return;
         };
         self.cancel.set_target(None);
-        let Attached {
-            mut conn,
-            guard,
-            binding,
-            slot,
-            recheck_at: _,
-        } = a;
-        drop(binding);
+        let (mut conn, guard, slot) = a.unbind();
         let in_rotation = self
             .ctx
             .topology
