@@ -27,8 +27,8 @@ fn failure_code(e: &tokio_postgres::Error) -> String {
     match e.code() {
         Some(c) => c.code().to_owned(),
         // No server error: the connection broke or could not be made.
-        None if e.is_closed() => "08006".to_owned(),
-        None => "08000".to_owned(),
+        None if e.is_closed() => SqlState::CONNECTION_FAILURE.code().to_owned(),
+        None => SqlState::CONNECTION_EXCEPTION.code().to_owned(),
     }
 }
 
@@ -127,7 +127,10 @@ pub async fn run(shared: Arc<ProbeShared>, stop: CancellationToken) {
                     if let Some(id) = next_id {
                         let mut ledger = shared.ledger();
                         ledger.attempt(id, shared.at(now));
-                        ledger.fail(id, "08001");
+                        ledger.fail(
+                            id,
+                            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION.code(),
+                        );
                         drop(ledger);
                         metrics::counter!(m::WRITES_TOTAL, "result" => "error").increment(1);
                         if cfg.mode == Mode::Skip {

@@ -491,3 +491,50 @@ async fn a_fresh_graywire_exports_every_series_its_dashboard_and_alerts_use() {
     .await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_chosen_sqlstates_add_a_bounded_number_of_series() {
+    let cluster = start_cluster(1).await;
+    let proxy = RunningProxy::in_front_of(&cluster).await;
+    let series = |page: &str| {
+        page.lines()
+            .filter(|l| l.starts_with("graywire_client_errors_total{"))
+            .count()
+    };
+    let (_, before) = proxy.admin_get("/metrics").await;
+    let c = proxy.connect("app").await;
+    // 3,000 distinct SQLSTATEs, each raised by the client: half in a documented class with
+    // one documented code (2D, invalid transaction termination: 2D000), half in a class
+    // PostgreSQL does not document (Q7).
+    let digits = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    for i in 0..3_000usize {
+        let class = if i % 2 == 0 { "2D" } else { "Q7" };
+        let n = i / 2;
+        let code = format!(
+            "{class}{}{}{}",
+            digits[n / 1296 % 36] as char,
+            digits[n / 36 % 36] as char,
+            digits[n % 36] as char
+        );
+        let e = c
+            .batch_execute(&format!(
+                "DO $$BEGIN RAISE EXCEPTION 'chosen' USING ERRCODE = '{code}'; END$$"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            graywire_tests::sqlstate(&e).as_deref(),
+            Some(code.as_str()),
+            "the client still gets its own SQLSTATE"
+        );
+    }
+    let (_, after) = proxy.admin_get("/metrics").await;
+    let added = series(&after) - series(&before);
+    println!("3000 distinct SQLSTATEs added {added} series");
+    // 2D000 (the class's own code, which one of them is, and the label of the rest) and
+    // "other".
+    assert!(added <= 2, "{added} series added:\n{after}");
+    assert!(after.contains("sqlstate=\"other\""), "{after}");
+    assert!(after.contains("sqlstate=\"2D000\""), "{after}");
+    proxy.shutdown().await;
+}

@@ -2,8 +2,6 @@
 //! Appendix A), and the ones a node reports, parsed from its ErrorResponse. No other module
 //! spells a code as a string.
 
-use std::borrow::Cow;
-
 /// A five-character SQLSTATE code (ASCII digits and upper-case letters).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SqlState([u8; 5]);
@@ -12,12 +10,9 @@ pub struct SqlState([u8; 5]);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SqlClass([u8; 2]);
 
-/// The text of every code graywire names below, so that [`SqlState::label`] needs no
-/// allocation for them.
-const NAMED: [&str; 18] = [
-    "08006", "08P01", "0A000", "25P02", "25P03", "28000", "28P01", "40001", "40003", "40P01",
-    "53300", "57014", "57P01", "57P02", "57P03", "57P04", "57P05", "XX000",
-];
+mod documented;
+
+use documented::DOCUMENTED;
 
 impl SqlState {
     /// The codes graywire itself answers with (`docs/contract.md`, "SQLSTATEs graywire
@@ -69,12 +64,20 @@ impl SqlState {
         SqlClass([self.0[0], self.0[1]])
     }
 
-    /// The code as a metric label value: borrowed for the codes graywire names.
-    pub fn label(self) -> Cow<'static, str> {
-        match NAMED.iter().find(|n| n.as_bytes() == self.0) {
-            Some(n) => Cow::Borrowed(n),
-            None => Cow::Owned(self.code().to_owned()),
-        }
+    /// The code as a metric label value, from a closed set: the code itself when PostgreSQL
+    /// documents it, else its class's generic code (`P0000` for an undocumented `P0xyz`, as
+    /// a client can raise with `RAISE … USING ERRCODE`) when the class is documented, else
+    /// `other`. Never allocates.
+    pub fn label(self) -> &'static str {
+        let find = |code: &[u8]| {
+            DOCUMENTED
+                .binary_search_by(|c| c.as_bytes().cmp(code))
+                .ok()
+                .map(|i| DOCUMENTED[i])
+        };
+        find(&self.0)
+            .or_else(|| find(&[self.0[0], self.0[1], b'0', b'0', b'0']))
+            .unwrap_or("other")
     }
 
     /// 08006: the connection to the node failed.
@@ -160,7 +163,7 @@ mod tests {
     }
 
     #[test]
-    fn named_codes_label_without_allocating_and_match_their_text() {
+    fn named_codes_label_as_themselves() {
         let named = [
             SqlState::CONNECTION_FAILURE,
             SqlState::PROTOCOL_VIOLATION,
@@ -181,15 +184,42 @@ mod tests {
             SqlState::DATABASE_DROPPED,
             SqlState::IDLE_SESSION_TIMEOUT,
         ];
-        assert_eq!(named.len(), NAMED.len());
         for code in named {
-            let label = code.label();
-            assert!(matches!(label, Cow::Borrowed(_)), "{code:?}");
-            assert_eq!(label, code.code());
+            assert_eq!(code.label(), code.code());
             assert_eq!(SqlState::parse(code.code()), Some(code));
         }
-        let other = SqlState::reported("P0001");
-        assert!(matches!(other.label(), Cow::Owned(ref s) if s == "P0001"));
+    }
+
+    #[test]
+    fn labels_form_a_closed_set() {
+        let cases = [
+            ("P0001", "P0001"), // raise_exception: documented
+            ("23505", "23505"),
+            ("P0999", "P0000"), // undocumented code of a documented class
+            ("22ZZZ", "22000"),
+            ("ZZ123", "other"), // undocumented class
+            ("00000", "00000"),
+        ];
+        for (code, label) in cases {
+            assert_eq!(SqlState::reported(code).label(), label, "{code}");
+        }
+        assert!(
+            documented::DOCUMENTED.windows(2).all(|w| w[0] < w[1]),
+            "sorted"
+        );
+        // Every code a client could invent maps into the documented codes or "other".
+        let mut labels = std::collections::BTreeSet::new();
+        for a in ["0", "2", "4", "5", "P", "Z", "H"] {
+            for b in ["0", "1", "A", "P", "V", "Z"] {
+                for rest in ["000", "001", "P01", "ZZZ", "123"] {
+                    let code = format!("{a}{b}{rest}");
+                    labels.insert(SqlState::reported(&code).label());
+                }
+            }
+        }
+        assert!(labels
+            .iter()
+            .all(|l| *l == "other" || documented::DOCUMENTED.contains(l)));
     }
 
     #[test]

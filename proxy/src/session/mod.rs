@@ -93,7 +93,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, mut client: TcpStream, peer: Socket
                     debug!(error = %e, "session ended");
                 } else {
                     let side = e.side().as_str();
-                    warn!(error = %e, side, sqlstate = e.sqlstate().map(|s| s.label()).as_deref(), "session ended");
+                    warn!(error = %e, side, sqlstate = e.sqlstate().map(|s| s.label()), "session ended");
                 }
             });
             let reply = e.fatal_response();
