@@ -29,6 +29,8 @@ pub struct Context {
     pub loads: NodeLoads,
     /// Backend connection pools (transaction mode).
     pub pools: Pools,
+    /// Kept connections that tell a node going away from one backend ended on its own.
+    pub(crate) liveness: Arc<crate::liveness::Liveness>,
     /// Numbers sessions (pooled connections remember their last one).
     next_session_id: AtomicU64,
     /// The health checker of each configured node.
@@ -51,6 +53,7 @@ impl Context {
             loads: NodeLoads::default(),
             checkers: Mutex::new(HashMap::new()),
             pools: Pools::default(),
+            liveness: Arc::default(),
             next_session_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
             session_metrics: OnceLock::new(),

@@ -17,6 +17,7 @@ pub(crate) mod drain;
 pub(crate) mod error;
 pub(crate) mod health;
 pub(crate) mod listener;
+pub(crate) mod liveness;
 pub(crate) mod load;
 pub mod metrics;
 pub(crate) mod pool;
@@ -103,6 +104,7 @@ impl Proxy {
         if nodes_changed {
             ctx.topology.set_nodes(&nodes);
             health::sync_checkers(ctx);
+            ctx.liveness.retain(&nodes);
         }
         info!(nodes = nodes.len(), nodes_changed, "configuration reloaded");
         for key in &needs_restart {

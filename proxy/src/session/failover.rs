@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use crate::error::{RequestError, SessionError};
 use crate::health;
+use crate::liveness::SESSION_END_CHECK;
 use crate::metrics as m;
 use crate::protocol::message::{self, TxStatus};
 use crate::protocol::SqlState;
@@ -141,8 +142,8 @@ pub(super) enum During {
 impl Session<'_> {
     /// Decides what the end of the session's backend connection to `node` means. A FATAL
     /// that ended only this session is final; a node that said it is going away (other than
-    /// with 57P01, which `pg_terminate_backend` sends too) is failing; otherwise a fresh
-    /// connection to the node decides, bounded by [`health::SESSION_END_CHECK`].
+    /// with 57P01, which `pg_terminate_backend` sends too) is failing; otherwise asking the
+    /// node decides ([`crate::liveness`]), bounded by [`SESSION_END_CHECK`].
     async fn classify(&self, node: &NodeName) -> Ending {
         let t = &self.tracker;
         if let Some(code) = t.node_fatal {
@@ -156,9 +157,12 @@ impl Session<'_> {
             // Removed from the config meanwhile: nothing to check, nothing to count.
             return Ending::NodeFailing(None);
         };
-        let user = &self.config.backend.user;
-        let database = &self.config.health.database;
-        match health::accepts_sessions(config, user, database, health::SESSION_END_CHECK).await {
+        let liveness = &self.ctx.liveness;
+        let (creds, database) = (&self.config.backend, &self.config.health.database);
+        match liveness
+            .takes_sessions(config, creds, database, SESSION_END_CHECK)
+            .await
+        {
             Err(why) => {
                 debug!(parent: &self.who.span(), %node, %why, "the node does not take sessions");
                 Ending::NodeFailing(Some(why))
