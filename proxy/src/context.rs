@@ -31,6 +31,9 @@ pub struct Context {
     pub pools: Pools,
     /// Kept connections that tell a node going away from one backend ended on its own.
     pub(crate) liveness: Arc<crate::liveness::Liveness>,
+    /// Salts the mock SCRAM exchange of unknown users (the same salt for a name on every
+    /// attempt, never the same across processes).
+    pub(crate) mock_secret: [u8; 32],
     /// Numbers sessions (pooled connections remember their last one).
     next_session_id: AtomicU64,
     /// The health checker of each configured node.
@@ -54,6 +57,7 @@ impl Context {
             checkers: Mutex::new(HashMap::new()),
             pools: Pools::default(),
             liveness: Arc::default(),
+            mock_secret: rand::random(),
             next_session_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
             session_metrics: OnceLock::new(),

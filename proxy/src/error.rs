@@ -87,9 +87,9 @@ pub enum SessionError {
     Scram(#[from] ScramError),
     #[error("client did not finish authentication within the timeout")]
     AuthTimeout,
-    #[error("role \"{0}\" is not known to graywire")]
-    UnknownUser(String),
-    #[error("password authentication failed for user \"{0}\"")]
+    /// A wrong password, or a user graywire does not know (refused the same way). The name is
+    /// quoted and escaped: it is the client's and goes into log lines.
+    #[error("password authentication failed for user {0:?}")]
     BadPassword(String),
     #[error("sorry, too many clients already")]
     TooManyConnections,
@@ -128,7 +128,6 @@ impl SessionError {
             | SessionError::Protocol(_)
             | SessionError::Scram(_)
             | SessionError::AuthTimeout
-            | SessionError::UnknownUser(_)
             | SessionError::BadPassword(_)
             | SessionError::Unsupported(_)
             | SessionError::StartupTooLarge { .. } => Side::Client,
@@ -164,7 +163,6 @@ impl SessionError {
             | SessionError::AuthTimeout => SqlState::PROTOCOL_VIOLATION,
             SessionError::Scram(ScramError::BadProof) => SqlState::INVALID_PASSWORD,
             SessionError::Scram(_) => SqlState::PROTOCOL_VIOLATION,
-            SessionError::UnknownUser(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             SessionError::BadPassword(_) => SqlState::INVALID_PASSWORD,
             SessionError::TooManyConnections => SqlState::TOO_MANY_CONNECTIONS,
             SessionError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
@@ -278,10 +276,6 @@ mod tests {
         assert_eq!(
             code_of(StartupError::UnsupportedProtocol { major: 2, minor: 0 }.into()),
             code("0A000")
-        );
-        assert_eq!(
-            code_of(SessionError::UnknownUser("u".into())),
-            code("28000")
         );
         assert_eq!(
             code_of(SessionError::BadPassword("u".into())),

@@ -51,8 +51,20 @@ async fn each_auth_method_accepts_the_right_password_and_refuses_others() {
             );
         }
     }
-    let e = connect_refused(&dsn("nobody", "x")).await;
-    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e:?}");
+    // An unknown user is refused exactly like a wrong password: a SCRAM exchange, then 28P01
+    // with the same message, so a client cannot enumerate graywire's users.
+    for (user, password) in [("nobody", "x"), ("app", "wrong")] {
+        let e = connect_refused(&dsn(user, password)).await;
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{user}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message().to_owned());
+        assert_eq!(
+            message.as_deref(),
+            Some(format!("password authentication failed for user \"{user}\"").as_str())
+        );
+    }
+    // An empty password is never accepted.
+    let e = connect_refused(&dsn("plainuser", "")).await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e:?}");
 
     // psql (libpq) with each password method, and a refusal it reports.
     for (user, _, _) in graywire_tests::USERS {

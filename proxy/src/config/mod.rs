@@ -258,7 +258,7 @@ impl Config {
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
         raw.validate()
     }
 
@@ -275,6 +275,19 @@ impl Config {
     pub fn backend_credentials<'a>(&'a self, user: &'a UserConfig) -> &'a Credentials {
         user.backend.as_ref().unwrap_or(&self.backend)
     }
+}
+
+/// A TOML syntax error as "line L, column C: what", without the offending line itself,
+/// which could hold a password (check-config and SIGHUP reloads print this).
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end();
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return what.to_owned();
+    };
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+    format!("line {line}, column {column}: {what}")
 }
 
 #[cfg(test)]

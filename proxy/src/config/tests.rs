@@ -93,6 +93,7 @@ fn each_bad_value_is_named_by_its_key() {
         (format!("{MINIMAL}\n[probe]\nuser = \"app\"\ntarget = \"host=x port=notaport\"\n"), "probe.target: not a connection string"),
         (format!("{MINIMAL}\n[probe]\nuser = \"app\"\nwriter = \"\"\n"), "probe.writer: must not be empty"),
         (format!("{MINIMAL}\n[probe]\nuser = \"app\"\ngate = \"window=soon\"\n"), "probe.gate: "),
+        (format!("{MINIMAL}\n[[users]]\nname = \"e\"\nauth = \"password\"\npassword = \"\"\n"), "users[1].password: empty"),
         (format!("{MINIMAL}\n[probe]\nuser = \"app\"\ngate = \"max_gaps=none\"\n"), "probe.gate: "),
         (format!("{MINIMAL}\n[probe]\nuser = \"app\"\ngate = \"colour=red\"\n"), "probe.gate: "),
         (format!("{MINIMAL}\n[probe]\nuser = \"app\"\ncolour = \"red\"\n"), "unknown field `colour`"),
@@ -179,4 +180,14 @@ fn sizes_parse_with_units() {
     assert!(parse_size(&Value::String("big".into())).is_err());
     assert!(parse_size(&Value::Integer(-1)).is_err());
     assert!(parse_size(&Value::Boolean(true)).is_err());
+}
+
+#[test]
+fn a_syntax_error_names_its_place_but_never_echoes_the_line() {
+    let text = format!("{MINIMAL}\n[[users]]\nname = \"x\"\npassword = \"s3cret-value\n");
+    let e = Config::from_toml(&text).expect_err("unterminated string");
+    let shown = e.to_string();
+    assert!(!shown.contains("s3cret"), "{shown}");
+    let line = text.lines().position(|l| l.contains("s3cret")).expect("the line") + 1;
+    assert!(shown.contains(&format!("line {line}, column")), "{shown}");
 }

@@ -46,6 +46,12 @@ pub(super) fn validate_users(p: &mut Problems, raw: Vec<RawUser>) -> Vec<Arc<Use
                 );
             }
         }
+        if u.password.as_ref().is_some_and(|pw| pw.expose().is_empty()) {
+            p.add(
+                &key("password"),
+                "empty (an empty password is never accepted)",
+            );
+        }
         let secrets = [
             u.password.is_some(),
             u.scram_verifier.is_some(),

@@ -139,6 +139,20 @@ impl ScramVerifier {
         }
     }
 
+    /// A verifier no password matches, the same for `user` on every attempt (its salt is
+    /// derived from `secret`, which stays in the process): what an unknown user is
+    /// challenged with, so that the exchange looks like a known user's, as PostgreSQL does.
+    pub fn mock(user: &str, secret: &[u8; 32]) -> ScramVerifier {
+        let salt = hmac(secret, &[b"salt", user.as_bytes()]);
+        ScramVerifier {
+            iterations: 4096,
+            salt: salt[..16].to_vec(),
+            // Not derived from any password: no client proof can match them.
+            stored_key: hmac(secret, &[b"stored", user.as_bytes()]),
+            server_key: hmac(secret, &[b"server", user.as_bytes()]),
+        }
+    }
+
     /// Checks a cleartext password against the verifier (for the `password` method).
     pub fn matches_password(&self, password: &str) -> bool {
         let other = Self::with_salt(password, &self.salt, self.iterations);

@@ -10,10 +10,21 @@ use crate::config::{ClientAuth, StoredSecret, UserConfig};
 use crate::error::SessionError;
 use crate::protocol::frame::{read_cstr, SMALL_MESSAGE_LIMIT};
 use crate::protocol::message;
-use crate::protocol::scram::{self, constant_time_eq, ScramError, ScramServer};
+use crate::protocol::scram::{self, constant_time_eq, ScramError, ScramServer, ScramVerifier};
 
 fn gone(e: std::io::Error) -> SessionError {
     SessionError::ClientGone(e)
+}
+
+/// Refuses a user graywire does not know the way it refuses a wrong password: a SCRAM
+/// exchange against a verifier no password matches, then 28P01, so a client cannot tell an
+/// unknown user from a known one.
+pub async fn refuse_unknown(client: &mut TcpStream, name: &str, secret: &[u8; 32]) -> SessionError {
+    let verifier = ScramVerifier::mock(name, secret);
+    match scram_exchange(client, &verifier, name).await {
+        Ok(()) => SessionError::BadPassword(name.to_owned()),
+        Err(e) => e,
+    }
 }
 
 /// Runs the exchange for `user`'s method. On success the caller sends AuthenticationOk.
@@ -28,6 +39,10 @@ pub async fn authenticate(client: &mut TcpStream, user: &UserConfig) -> Result<(
             let body = read_password_message(client).await?;
             let (given, _) = read_cstr(&body)
                 .ok_or_else(|| SessionError::Protocol("malformed password packet".into()))?;
+            // Like PostgreSQL: an empty password is never accepted.
+            if given.is_empty() {
+                return Err(bad_password());
+            }
             let ok = match stored {
                 StoredSecret::Plain(p) => constant_time_eq(p.expose().as_bytes(), given.as_bytes()),
                 StoredSecret::Md5(h) => {
@@ -50,41 +65,50 @@ pub async fn authenticate(client: &mut TcpStream, user: &UserConfig) -> Result<(
                 .then_some(())
                 .ok_or_else(bad_password)
         }
-        ClientAuth::ScramSha256(verifier) => {
-            message::authentication_sasl(&mut out, &[scram::MECHANISM]);
-            client.write_all(&out).await.map_err(gone)?;
-            let mut server = ScramServer::new(verifier);
-
-            let body = read_password_message(client).await?;
-            let (mechanism, rest) = read_cstr(&body)
-                .ok_or_else(|| SessionError::Protocol("malformed SASLInitialResponse".into()))?;
-            if rest.len() < 4 {
-                return Err(SessionError::Protocol(
-                    "malformed SASLInitialResponse".into(),
-                ));
-            }
-            let n = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            let data = &rest[4..];
-            if n < 0 || n as usize != data.len() {
-                return Err(SessionError::Protocol(
-                    "SASLInitialResponse length mismatch".into(),
-                ));
-            }
-            let server_first = server.client_first(mechanism, data)?;
-            out.clear();
-            message::authentication_sasl_continue(&mut out, &server_first);
-            client.write_all(&out).await.map_err(gone)?;
-
-            let body = read_password_message(client).await?;
-            let server_final = server.client_final(&body).map_err(|e| match e {
-                ScramError::BadProof => bad_password(),
-                other => other.into(),
-            })?;
-            out.clear();
-            message::authentication_sasl_final(&mut out, &server_final);
-            client.write_all(&out).await.map_err(gone)
-        }
+        ClientAuth::ScramSha256(verifier) => scram_exchange(client, verifier, &user.name).await,
     }
+}
+
+/// The SCRAM-SHA-256 exchange against `verifier`; a wrong proof is a wrong password of
+/// `name`.
+async fn scram_exchange(
+    client: &mut TcpStream,
+    verifier: &ScramVerifier,
+    name: &str,
+) -> Result<(), SessionError> {
+    let mut out = BytesMut::new();
+    message::authentication_sasl(&mut out, &[scram::MECHANISM]);
+    client.write_all(&out).await.map_err(gone)?;
+    let mut server = ScramServer::new(verifier);
+
+    let body = read_password_message(client).await?;
+    let (mechanism, rest) = read_cstr(&body)
+        .ok_or_else(|| SessionError::Protocol("malformed SASLInitialResponse".into()))?;
+    if rest.len() < 4 {
+        return Err(SessionError::Protocol(
+            "malformed SASLInitialResponse".into(),
+        ));
+    }
+    let n = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let data = &rest[4..];
+    if n < 0 || n as usize != data.len() {
+        return Err(SessionError::Protocol(
+            "SASLInitialResponse length mismatch".into(),
+        ));
+    }
+    let server_first = server.client_first(mechanism, data)?;
+    out.clear();
+    message::authentication_sasl_continue(&mut out, &server_first);
+    client.write_all(&out).await.map_err(gone)?;
+
+    let body = read_password_message(client).await?;
+    let server_final = server.client_final(&body).map_err(|e| match e {
+        ScramError::BadProof => SessionError::BadPassword(name.to_owned()),
+        other => other.into(),
+    })?;
+    out.clear();
+    message::authentication_sasl_final(&mut out, &server_final);
+    client.write_all(&out).await.map_err(gone)
 }
 
 /// `md5` + md5(stored_hash_hex + salt), what a client sends for the md5 method.

@@ -5,7 +5,7 @@
 //!   Opening ──SSLRequest/GSSENCRequest──▶ answer 'N' ──▶ Opening            (startup.rs)
 //!      │ CancelRequest ──▶ forward to the session's backend, close
 //!      ▼ StartupMessage
-//!   Authenticating ──unknown user 28000 / bad password 28P01──▶ Closing      (auth.rs)
+//!   Authenticating ──bad password or unknown user 28P01──▶ Closing            (auth.rs)
 //!      ▼ ok
 //!   Connecting: hold until a node fits (FATAL 57P03 after hold_timeout), lease a backend
 //!      connection (new, or pooled in transaction mode)                        (attach.rs)
@@ -138,7 +138,7 @@ fn outcome_label(e: &SessionError) -> &'static str {
     match e {
         SessionError::ClientGone(_) => "closed",
         SessionError::TooManyConnections => "refused_limit",
-        SessionError::UnknownUser(_) | SessionError::BadPassword(_) => "auth_failed",
+        SessionError::BadPassword(_) => "auth_failed",
         SessionError::Scram(crate::protocol::scram::ScramError::BadProof) => "auth_failed",
         SessionError::Backend(_)
         | SessionError::NoPrimary(_)
@@ -162,7 +162,7 @@ impl SessionLabel {
         info_span!(
             "session",
             peer = %self.peer,
-            user = self.user.as_deref().unwrap_or(""),
+            user = ?self.user.as_deref().unwrap_or(""),
             node = self.node.as_ref().map(NodeName::as_str).unwrap_or(""),
         )
     }

@@ -52,9 +52,9 @@ pub(super) async fn open_and_authenticate<'c>(
     let slot = ctx
         .try_open_session()
         .ok_or(SessionError::TooManyConnections)?;
-    let user = config
-        .user(user_name)
-        .ok_or_else(|| SessionError::UnknownUser(user_name.to_owned()))?;
+    let Some(user) = config.user(user_name) else {
+        return Err(auth::refuse_unknown(client, user_name, &ctx.mock_secret).await);
+    };
     auth::authenticate(client, user).await?;
     Ok(Some((params, user, slot)))
 }
