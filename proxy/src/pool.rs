@@ -128,10 +128,13 @@ impl Pool {
             i.map(|i| s.idle.swap_remove(i))
         };
         match newest {
-            Some(Idle { conn, guard, .. }) => Checkout::Reused {
+            Some(Idle {
+                conn, guard, since, ..
+            }) => Checkout::Reused {
                 conn: Box::new(conn),
                 guard,
                 reset: true,
+                idle: since.elapsed(),
                 slot,
             },
             None => Checkout::Open(slot),
@@ -166,12 +169,15 @@ impl Pool {
         };
         let mut s = self.state();
         if let Some(i) = s.idle.iter().position(|c| c.owner == owner) {
-            let Idle { conn, guard, .. } = s.idle.swap_remove(i);
+            let Idle {
+                conn, guard, since, ..
+            } = s.idle.swap_remove(i);
             drop(s);
             return Some(Checkout::Reused {
                 conn: Box::new(conn),
                 guard,
                 reset: false,
+                idle: since.elapsed(),
                 slot,
             });
         }
@@ -186,12 +192,15 @@ impl Pool {
             .enumerate()
             .min_by_key(|(_, c)| c.since)
             .map(|(i, _)| i)?;
-        let Idle { conn, guard, .. } = s.idle.swap_remove(oldest);
+        let Idle {
+            conn, guard, since, ..
+        } = s.idle.swap_remove(oldest);
         drop(s);
         Some(Checkout::Reused {
             conn: Box::new(conn),
             guard,
             reset: true,
+            idle: since.elapsed(),
             slot,
         })
     }
@@ -204,6 +213,8 @@ pub enum Checkout {
         conn: Box<BackendConn>,
         guard: ConnectionGuard,
         reset: bool,
+        /// How long it sat idle in the pool (the node may have ended it meanwhile).
+        idle: std::time::Duration,
         slot: PoolSlot,
     },
     /// Room for a new connection: the caller opens it.

@@ -386,3 +386,79 @@ async fn a_session_knows_its_own_pid_as_on_a_direct_connection() {
     }
     proxy.shutdown().await;
 }
+
+/// Transaction mode with a pool of `size`.
+fn transaction_mode(size: usize) -> graywire_tests::ProxyOptions {
+    let mut opts = graywire_tests::ProxyOptions::default();
+    opts.extra.push_str(&format!(
+        "\n[pool]\nmode = \"transaction\"\nsize = {size}\n"
+    ));
+    opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_transaction_mode_a_connection_ended_between_transactions_is_not_the_clients() {
+    let cluster = start_cluster(1).await;
+    let proxy =
+        RunningProxy::start(&graywire_tests::config_for(&cluster, &transaction_mode(2))).await;
+    let dba = graywire_tests::connect(&cluster.dsn(0)).await;
+    let backend_pid = |c: tokio_postgres::Client| async move {
+        let pid: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (c, pid)
+    };
+
+    // The session's own connection, ended by a DBA while the session sits between
+    // transactions: its next transaction runs on another connection, without an error.
+    let (client, end) = connect_watched(&proxy.dsn("app")).await;
+    let (client, pid) = backend_pid(client).await;
+    let killed: bool = dba
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    // graywire has seen the node end that connection (not the session's request: there was
+    // none in flight).
+    proxy
+        .wait_metric(
+            "graywire_backend_terminations_total{cause=\"admin_command\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    let new_pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the next transaction runs on another connection")
+        .get(0);
+    assert_ne!(new_pid, pid, "a new backend serves the session");
+    assert!(!client.is_closed());
+
+    // A pooled connection ended while idle in the pool: the next session is served from
+    // another one, and the node is not counted as failing.
+    drop(client);
+    let _ = ended(end, Duration::from_secs(5)).await;
+    let (second, second_pid) = backend_pid(proxy.connect("app").await).await;
+    drop(second);
+    let killed: bool = dba
+        .query_one("SELECT pg_terminate_backend($1)", &[&second_pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    // Idle in the pool past the age at which graywire checks a connection before use (part
+    // of the scenario, not a synchronisation).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for _ in 0..3 {
+        let c = proxy.connect("app").await;
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    assert_node_up(&proxy).await;
+    let n = proxy.node_info("pg0").await;
+    assert!(n["last_error"].is_null(), "{n}");
+    proxy.shutdown().await;
+}

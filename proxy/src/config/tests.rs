@@ -188,6 +188,10 @@ fn a_syntax_error_names_its_place_but_never_echoes_the_line() {
     let e = Config::from_toml(&text).expect_err("unterminated string");
     let shown = e.to_string();
     assert!(!shown.contains("s3cret"), "{shown}");
-    let line = text.lines().position(|l| l.contains("s3cret")).expect("the line") + 1;
+    let line = text
+        .lines()
+        .position(|l| l.contains("s3cret"))
+        .expect("the line")
+        + 1;
     assert!(shown.contains(&format!("line {line}, column")), "{shown}");
 }

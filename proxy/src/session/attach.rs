@@ -22,6 +22,13 @@ use super::{message_query, migrate, Session, State, CANCEL_TIMEOUT};
 
 /// Pause between attempts to attach to a node that could not take the session.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+/// A pooled connection idle at least this long is checked before use: the node may have
+/// ended it meanwhile (an administrator, `idle_session_timeout`). One read that finds
+/// nothing; connections handed over sooner skip it.
+const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How many pooled connections in a row may turn out dead (ended while idle) before the
+/// failure is the session's: each is dropped and another leased, not counted against the node.
+const STALE_RETRIES: usize = 3;
 
 /// A backend connection the session runs on, counted against its node.
 pub(super) struct Attached {
@@ -60,6 +67,8 @@ struct Leased {
     reset: bool,
     /// It was used before (by this session, unless `reset`).
     reused: bool,
+    /// How long it sat idle in its pool.
+    idle: std::time::Duration,
 }
 
 impl Session<'_> {
@@ -75,19 +84,29 @@ impl Session<'_> {
             &self.ctx.shutdown.soft,
         )
         .await?;
-        let leased = match self.lease(&node).await {
-            Ok(l) => l,
-            Err(e) => {
-                if e.is_node_failure() {
-                    health::passive_failure(self.ctx, &node.name, &e.to_string());
+        let mut stale = 0;
+        let (mut conn, reused) = loop {
+            let leased = match self.lease(&node).await {
+                Ok(l) => l,
+                Err(e) => {
+                    if e.is_node_failure() {
+                        health::passive_failure(self.ctx, &node.name, &e.to_string());
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
+            };
+            let reused = leased.reused;
+            match self.set_up(leased, false).await {
+                Ok(conn) => break (conn, reused),
+                Err(e) if reused && stale < STALE_RETRIES => {
+                    stale += 1;
+                    debug!(parent: &self.who.span(), node = %node.name, error = %e, "a pooled connection was gone; taking another");
+                }
+                Err(e) => return Err(e.into()),
             }
         };
         let mut greeting = BytesMut::with_capacity(1024);
         message::authentication_ok(&mut greeting);
-        let reused = leased.reused;
-        let mut conn = self.set_up(leased, false).await?;
         if reused {
             // A pooled connection: its parameters, as of now (after a reset if needed).
             conn.conn.parameter_messages(&mut greeting);
@@ -193,6 +212,7 @@ impl Session<'_> {
                 conn,
                 guard,
                 reset,
+                idle,
                 slot,
             } => {
                 return Ok(Leased {
@@ -201,6 +221,7 @@ impl Session<'_> {
                     slot: Some(slot),
                     reset,
                     reused: true,
+                    idle,
                 })
             }
             Checkout::Open(slot) => Some(slot),
@@ -220,6 +241,7 @@ impl Session<'_> {
             slot,
             reset: false,
             reused: false,
+            idle: std::time::Duration::ZERO,
         })
     }
 
@@ -233,7 +255,26 @@ impl Session<'_> {
             slot,
             reset,
             reused,
+            idle,
         } = leased;
+        if reused && idle >= CHECK_IDLE_AFTER && !conn.reset_sent && conn.leftover.is_empty() {
+            // Nothing may be waiting on an idle connection: bytes (a FATAL) or EOF mean the
+            // node ended it while it sat in the pool.
+            let mut probe = [0u8; 1];
+            match conn.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                _ => {
+                    backend::terminate(conn.stream).await;
+                    return Err(BackendError::Connect {
+                        node: conn.node.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the pooled connection was ended while idle",
+                        ),
+                    });
+                }
+            }
+        }
         let mut request = BytesMut::new();
         let mut ready = 0;
         if conn.reset_sent {
@@ -299,8 +340,19 @@ impl Session<'_> {
     /// Opens (or takes from the pool) a backend connection to `node` and rebuilds the
     /// session there.
     async fn attach(&mut self, node: &NodeConfig) -> Result<(), BackendError> {
-        let leased = self.lease(node).await?;
-        let attached = self.set_up(leased, true).await?;
+        let mut stale = 0;
+        let attached = loop {
+            let leased = self.lease(node).await?;
+            let reused = leased.reused;
+            match self.set_up(leased, true).await {
+                Ok(attached) => break attached,
+                Err(e) if reused && stale < STALE_RETRIES => {
+                    stale += 1;
+                    debug!(parent: &self.who.span(), node = %node.name, error = %e, "a pooled connection was gone; taking another");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         // Tell the client what differs on this connection (server_version after an upgrade,
         // in_hot_standby, …), as a node reports a changed parameter.
         let mut out = BytesMut::new();

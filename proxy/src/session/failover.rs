@@ -15,6 +15,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
+use crate::config::PoolMode;
 use crate::error::{RequestError, SessionError};
 use crate::health;
 use crate::liveness::SESSION_END_CHECK;
@@ -150,8 +151,15 @@ impl Session<'_> {
             return Ending::SessionEnded(termination_cause(code));
         }
         let withheld = t.withheld_fatal.as_ref().map(|f| f.sqlstate);
-        if withheld.is_some_and(|c| c != SqlState::ADMIN_SHUTDOWN) {
-            return Ending::NodeFailing(None);
+        match withheld {
+            Some(SqlState::CRASH_SHUTDOWN | SqlState::CANNOT_CONNECT_NOW) => {
+                return Ending::NodeFailing(None)
+            }
+            // Withheld because it came between transactions in transaction mode.
+            Some(code) if code != SqlState::ADMIN_SHUTDOWN => {
+                return Ending::SessionEnded(termination_cause(code))
+            }
+            _ => {}
         }
         let Some(config) = self.config.nodes.iter().find(|n| &n.name == node) else {
             // Removed from the config meanwhile: nothing to check, nothing to count.
@@ -170,6 +178,18 @@ impl Session<'_> {
             Ok(()) if withheld.is_some() => Ending::SessionEnded("admin_command"),
             Ok(()) => Ending::ConnectionLost,
         }
+    }
+
+    /// In transaction mode, between transactions, with nothing bound to the connection
+    /// (not pinned, no state that may pin it, no setting changed since the last capture):
+    /// losing it loses nothing of the session.
+    fn may_lose_backend_quietly(&self) -> bool {
+        let t = &self.tracker;
+        self.mode == PoolMode::Transaction
+            && t.at_boundary()
+            && !t.settings_dirty
+            && !t.maybe_pinned
+            && self.attached().is_some_and(|a| !a.binding.is_pinned())
     }
 
     /// The backend connection died (or the node said it is going away) while the session
@@ -191,6 +211,19 @@ impl Session<'_> {
                 };
                 health::passive_failure(self.ctx, &node, &reason);
                 self.answer_lost_backend(reason).await
+            }
+            Ending::SessionEnded(cause) if self.may_lose_backend_quietly() => {
+                // Transaction mode, between transactions, nothing bound to the connection:
+                // the client did not own it and never hears of it (as with PgBouncer).
+                metrics::counter!(m::BACKEND_TERMINATIONS_TOTAL, "cause" => cause).increment(1);
+                debug!(parent: &self.who.span(), %node, %reason, cause, "the node ended the session's idle connection; the session goes on");
+                if self.detach().is_some() {
+                    self.cancel.set_target(None);
+                }
+                self.tracker.reset_backend_side();
+                self.pipes.down.buf.clear();
+                self.pipes.down.ready = 0;
+                Ok(ControlFlow::Continue(()))
             }
             Ending::SessionEnded(cause) => {
                 metrics::counter!(m::BACKEND_TERMINATIONS_TOTAL, "cause" => cause).increment(1);

@@ -483,7 +483,10 @@ impl Tracker {
             SqlState::CRASH_SHUTDOWN,
             SqlState::CANNOT_CONNECT_NOW,
         ];
-        if fatal && going_away.contains(&sqlstate) {
+        // In transaction mode a FATAL between transactions ends a connection the client does
+        // not own: withheld too, so the session may go on on another (see failover.rs).
+        let between_transactions = self.watch_pins && self.at_boundary();
+        if fatal && (going_away.contains(&sqlstate) || between_transactions) {
             self.withheld_fatal = Some(WithheldFatal {
                 sqlstate,
                 message,
