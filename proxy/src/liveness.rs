@@ -33,25 +33,34 @@ impl Liveness {
     /// Whether `node` takes sessions, within `timeout`; `Err` says why not. A node shutting
     /// down ends the kept connection too (57P01) and then refuses the startup packet (57P03);
     /// one backend terminated by an administrator or a timeout leaves both working.
+    ///
+    /// `postmaster_only`: ask the postmaster with a startup packet, not the kept connection.
+    /// After a FATAL 57P01 only that answer is certain: a shutdown changes the postmaster's
+    /// state before it signals any backend, while the kept connection's own backend may not
+    /// have been signalled yet when its round trip is answered.
     pub(crate) async fn takes_sessions(
         self: &Arc<Self>,
         node: &NodeConfig,
         creds: &Credentials,
         database: &str,
         timeout: Duration,
+        postmaster_only: bool,
     ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let kept = self.kept().clients.get(&node.name).cloned();
+        let kept = (!postmaster_only)
+            .then(|| self.kept().clients.get(&node.name).cloned())
+            .flatten();
         if let Some(client) = kept.filter(|c| !c.is_closed()) {
             match crate::timer::timeout_at(deadline, client.simple_query("")).await {
                 Ok(Ok(_)) => return Ok(()),
                 // Frozen: no answer in time says enough.
                 Err(_) => return Err(format!("no answer within {timeout:?}")),
                 // Broken (its backend was ended too): ask with a fresh connection.
-                Ok(Err(_)) => {}
+                Ok(Err(_)) => {
+                    self.kept().clients.remove(&node.name);
+                }
             }
         }
-        self.kept().clients.remove(&node.name);
         let left = deadline.saturating_duration_since(Instant::now());
         accepts_sessions(node, &creds.user, database, left).await?;
         self.keep(node, creds, database);
@@ -60,8 +69,12 @@ impl Liveness {
 
     /// Opens the node's kept connection in the background, for the next check.
     fn keep(self: &Arc<Self>, node: &NodeConfig, creds: &Credentials, database: &str) {
-        if !self.kept().opening.insert(node.name.clone()) {
-            return;
+        {
+            let mut kept = self.kept();
+            let alive = kept.clients.get(&node.name).is_some_and(|c| !c.is_closed());
+            if alive || !kept.opening.insert(node.name.clone()) {
+                return;
+            }
         }
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&node.host)

@@ -168,7 +168,13 @@ impl Session<'_> {
         let liveness = &self.ctx.liveness;
         let (creds, database) = (&self.config.backend, &self.config.health.database);
         match liveness
-            .takes_sessions(config, creds, database, SESSION_END_CHECK)
+            .takes_sessions(
+                config,
+                creds,
+                database,
+                SESSION_END_CHECK,
+                withheld.is_some(),
+            )
             .await
         {
             Err(why) => {
