@@ -458,21 +458,33 @@ async fn a_fresh_graywire_exports_every_series_its_dashboard_and_alerts_use() {
     let failing = "window=30s&max_p99=1us";
     opts.extra.push_str(&format!("gate = \"{failing}\"\n"));
     let proxy = RunningProxy::start(&config_for(&cluster, &opts)).await;
-    // Before any client, drain or gate request.
-    let (_, page) = proxy.admin_get("/metrics").await;
-    let present: std::collections::BTreeSet<&str> = page
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    // Before any client, drain or gate request. A standby's replication lag is known once
+    // the health checks have seen both it and the primary (a check or two after start), so
+    // the page is read until it holds every name, for at most a few seconds.
     let names = used_names();
     assert!(names.len() > 20, "{names:?}");
-    for name in &names {
-        assert!(
-            present.contains(name.as_str()),
-            "{name} (used by the dashboard or an alert) is not exported before any traffic"
-        );
-    }
+    eventually_ok(
+        Duration::from_secs(5),
+        "every series the dashboard and alerts use, before any traffic",
+        || async {
+            let (_, page) = proxy.admin_get("/metrics").await;
+            let present: std::collections::BTreeSet<&str> = page
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split(['{', ' ']).next())
+                .collect();
+            let missing: Vec<&String> = names
+                .iter()
+                .filter(|n| !present.contains(n.as_str()))
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not exported: {missing:?}"))
+            }
+        },
+    )
+    .await;
     // The gate gauge holds the verdict for the configured bounds, as /v1/gate gives it.
     let (status, _) = proxy.admin_get(&format!("/v1/gate?{failing}")).await;
     assert_eq!(proxy.metric("graywire_probe_gate_pass").await, Some(0.0));
