@@ -35,15 +35,6 @@ async fn ended(
         .expect("the connection task reports its end")
 }
 
-/// The value of one series in graywire's `/metrics` (0 when absent).
-async fn metric(proxy: &RunningProxy, series: &str) -> f64 {
-    let (status, body) = proxy.admin_get("/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 async fn assert_node_up(proxy: &RunningProxy) {
     let n = proxy.node_info("pg0").await;
     assert_eq!(n["state"], "up", "{n}");
@@ -77,12 +68,10 @@ async fn a_client_that_terminates_its_own_backend_gets_57p01_and_is_closed() {
     // Three terminations in a row (the fall count) leave the node up.
     assert_node_up(&proxy).await;
     assert!(
-        metric(
-            &proxy,
-            "graywire_backend_terminations_total{cause=\"admin_command\"}"
-        )
-        .await
-            >= 3.0
+        proxy
+            .metric("graywire_backend_terminations_total{cause=\"admin_command\"}")
+            .await
+            >= Some(3.0)
     );
 
     // psql (libpq) sees the same FATAL and a closed connection.
@@ -149,20 +138,16 @@ async fn the_nodes_idle_timeouts_end_the_session_with_their_own_sqlstate() {
 
     assert_node_up(&proxy).await;
     assert_eq!(
-        metric(
-            &proxy,
-            "graywire_backend_terminations_total{cause=\"idle_session_timeout\"}"
-        )
-        .await,
-        1.0
+        proxy
+            .metric("graywire_backend_terminations_total{cause=\"idle_session_timeout\"}")
+            .await,
+        Some(1.0)
     );
     assert_eq!(
-        metric(
-            &proxy,
-            "graywire_backend_terminations_total{cause=\"idle_in_transaction_timeout\"}"
-        )
-        .await,
-        1.0
+        proxy
+            .metric("graywire_backend_terminations_total{cause=\"idle_in_transaction_timeout\"}")
+            .await,
+        Some(1.0)
     );
     proxy.shutdown().await;
 }
